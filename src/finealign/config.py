@@ -1,0 +1,288 @@
+"""Configuration: nested dataclasses, filled from defaults ⊕ model preset ⊕ recipe YAML ⊕ dotted CLI overrides.
+
+Recipes may name a ``base`` recipe (a path relative to the file or a bundled recipe name) that they extend.
+Every key is checked: a mistyped key is an error naming it and the closest valid key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parent / "models" / "presets"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"             # architecture preset in models/presets/ (tiny, small, base, bench-tiny)
+    image_size: int = 32             # input resolution (square)
+    patch_size: int = 4              # ViT patch side; grid = image_size // patch_size
+    vision_width: int = 128          # ViT token width
+    vision_layers: int = 3           # ViT blocks
+    vision_heads: int = 4            # ViT attention heads
+    text_width: int = 128            # text encoder / decoder width
+    text_layers: int = 3             # unimodal (causal) text encoder blocks
+    text_heads: int = 4              # text attention heads
+    decoder_layers: int = 2          # multimodal caption decoder blocks; 0 = no decoder (CLIP)
+    context_length: int = 32         # max tokens per caption incl. BOS/EOS
+    vocab_size: int = 0              # 0 = taken from the tokenizer
+    embed_dim: int = 128             # contrastive embedding size
+    caption_queries: int = 32        # attentional-pooler queries the decoder attends to
+    image_pool: str = "attn"         # attn: CoCa attentional pooler (1 contrastive query) | cls: CLIP cls token
+    mlp_ratio: float = 4.0           # MLP hidden = ratio * width
+    init_temperature: float = 0.07   # ITC temperature at init (logit scale = 1/τ, clamped to 100)
+    grad_checkpointing: bool = False  # recompute block activations in backward
+
+
+@dataclass
+class DataConfig:
+    source: str = "emoji"            # registered source: shapes, emoji, csv, tsv, jsonl, coco, webdataset
+    root: str = "data/emoji"         # dataset directory (or file) for file-based sources
+    train: str = "train"             # split name / file / shard pattern for training
+    val: str = "val"                 # validation split
+    test: str = "test"               # evaluation split
+    image_key: str = "filepath"      # csv/tsv column or jsonl key holding the image path
+    caption_key: str = "title"       # csv/tsv column or jsonl key holding the caption
+    separator: str = ""              # csv/tsv delimiter ("" = source default)
+    num_samples: int = 0             # procedural sources: samples per split (0 = source default)
+    fraction: float = 1.0            # use this fraction of the training split (data-efficiency studies)
+    batch_size: int = 64             # global training batch (split into micro-batches by train.grad_accum)
+    eval_batch_size: int = 128       # batch size for evaluation / embedding
+    workers: int = 0                 # DataLoader worker processes
+    augment: bool = True             # random resized crop + colour jitter for training images
+    strict: bool = False             # first bad sample raises (naming file/line) instead of skip+count
+    seed: int = 0                    # seeds procedural sources and shuffling
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""                   # tokenizer.json to load; "" = train a BPE on the training captions
+    vocab_size: int = 2048           # target vocabulary when training a tokenizer
+    lowercase: bool = True           # normalise captions to lower case
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                # optimizer steps
+    lr: float = 5e-4                 # peak learning rate
+    min_lr_ratio: float = 0.0        # cosine floor as a fraction of lr
+    warmup: int = 100                # linear warm-up steps
+    weight_decay: float = 0.1        # AdamW decay, applied only to tensors with dim >= 2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_accum: int = 1              # micro-batches per step (ITC still sees every negative)
+    clip_grad: float = 1.0           # max grad norm (0 = off)
+    precision: str = "fp32"          # fp32 | bf16 (autocast)
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    log_every: int = 10              # metrics to JSONL / TensorBoard every N steps
+    ckpt_every: int = 200            # checkpoint every N steps (and at the end)
+    keep: int = 3                    # checkpoints kept (oldest deleted)
+    run_dir: str = ""                # "" = runs/<recipe>-<timestamp>
+    eval_every: int = 0              # retrieval on the val split every N steps (0 = off)
+    deterministic: bool = False      # torch.use_deterministic_algorithms
+    threads: int = 0                 # torch.set_num_threads (0 = leave as is)
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["retrieval", "caption"])
+    decode: str = "beam"             # greedy | beam | top_p
+    beam_size: int = 3
+    top_p: float = 0.9
+    temperature: float = 1.0
+    max_new_tokens: int = 20
+    max_images: int = 0              # cap on evaluated images (0 = all)
+    templates: list[str] = field(default_factory=lambda: ["{}", "a picture of {}", "an image of {}"])
+
+
+@dataclass
+class Config:
+    recipe: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # objective name -> {weight: float, **objective options}; weight 0 or absence switches it off
+    objectives: dict[str, dict[str, Any]] = field(default_factory=lambda: {"itc": {"weight": 1.0}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def active_objectives(self) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in self.objectives.items() if float(v.get("weight", 1.0)) != 0.0}
+
+
+# ---------------------------------------------------------------- loading and merging
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def find_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """A recipe is a YAML path, or a name in the bundled configs/ (``coca``, ``ablations/sycoca/coca``)."""
+    cands = [Path(name_or_path)]
+    if relative_to is not None:
+        cands.insert(0, relative_to / name_or_path)
+    stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
+    cands.append(CONFIG_DIR / f"{stem}.yaml")
+    for c in cands:
+        if c.is_file():
+            return c
+    known = sorted(str(p.relative_to(CONFIG_DIR))[:-5] for p in CONFIG_DIR.rglob("*.yaml"))
+    close = difflib.get_close_matches(stem, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"no recipe {name_or_path!r}{hint} (bundled: {', '.join(known)})")
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
+    path = find_recipe(name_or_path, _seen[-1].parent if _seen else None).resolve()
+    if path in _seen:
+        raise ConfigError(f"recipe base cycle: {' -> '.join(map(str, _seen + (path,)))}")
+    raw = _load_yaml(path)
+    base = raw.pop("base", None)
+    if base:
+        raw = merge(load_recipe_dict(str(base), _seen + (path,)), raw)
+    return raw
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=200", "model.width=256"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, val = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier one")
+        node[parts[-1]] = yaml.safe_load(val) if val != "" else ""
+    return out
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown model preset {name!r}{hint} (known: {', '.join(known)})")
+    return _load_yaml(path)
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{where}.{k}" if where else k
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        typ = hints[k]
+        if dataclasses.is_dataclass(typ):
+            kwargs[k] = _build(typ, v, key)
+        else:
+            kwargs[k] = _coerce(v, typ, key)
+    return cls(**kwargs)
+
+
+def _coerce(v: Any, typ: Any, key: str) -> Any:
+    if typ is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if typ is int and isinstance(v, bool):
+        raise ConfigError(f"config key '{key}' expects an integer, got {v!r}")
+    if typ in (int, bool, str) and not isinstance(v, typ):
+        if typ is str and isinstance(v, (int, float)):
+            return str(v)
+        raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {v!r}")
+    if getattr(typ, "__origin__", None) is list and not isinstance(v, list):
+        raise ConfigError(f"config key '{key}' expects a list, got {v!r}")
+    if getattr(typ, "__origin__", None) is dict and not isinstance(v, dict):
+        raise ConfigError(f"config key '{key}' expects a mapping, got {v!r}")
+    return v
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    raw = copy.deepcopy(raw)
+    model = raw.get("model", {}) or {}
+    preset = model.get("preset", ModelConfig.preset)
+    raw["model"] = merge({"preset": preset, **load_preset(preset)}, model)
+    objectives = raw.get("objectives")
+    if objectives is not None:
+        if not isinstance(objectives, dict):
+            raise ConfigError("'objectives' must map objective names to {weight: ..., ...}")
+        raw["objectives"] = {k: ({"weight": float(v)} if isinstance(v, (int, float)) else (v or {}))
+                             for k, v in objectives.items()}
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from .registry import OBJECTIVES
+    from . import objectives as _  # noqa: F401  (registers the objectives)
+    for name in cfg.objectives:
+        OBJECTIVES.get(name)  # raises with a suggestion on a typo
+    if cfg.train.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision must be fp32 or bf16, got {cfg.train.precision!r}")
+    if cfg.data.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by "
+                          f"train.grad_accum ({cfg.train.grad_accum})")
+    if cfg.model.image_size % cfg.model.patch_size:
+        raise ConfigError(f"model.image_size ({cfg.model.image_size}) must be a multiple of "
+                          f"model.patch_size ({cfg.model.patch_size})")
+    if not 0.0 < cfg.data.fraction <= 1.0:
+        raise ConfigError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    if recipe:
+        raw = load_recipe_dict(recipe)
+        raw.setdefault("recipe", Path(recipe).stem if recipe.endswith(".yaml") else recipe)
+    if extra:
+        raw = merge(raw, extra)
+    if overrides:
+        raw = merge(raw, parse_overrides(overrides))
+    return from_dict(raw)
