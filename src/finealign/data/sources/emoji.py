@@ -1,0 +1,382 @@
+"""The emoji dataset: every renderable fully-qualified emoji, captioned from its CLDR name.
+
+:func:`build_emoji_dataset` renders ``emoji.EMOJI_DATA`` with the Noto Color Emoji bitmap font and
+writes ``images/NNNNN.png`` plus ``train/val/test.jsonl`` and ``meta.json``. The registered ``emoji``
+source reads one of those JSONL files back.
+
+Attributes: an emoji's *base* is its CLDR name with skin tones and hair styles removed
+(``man_office_worker_dark_skin_tone`` -> ``man office worker``; ``man_red_hair`` -> ``man``). Variants of a
+base share ``item_id``; ``label`` is the base name and ``category`` the skin-tone phrase (or ``"none"``).
+
+Split (compositional): for every base with skin-tone variants one tone is held out -- rotated across
+bases so that every tone is held out somewhere -- and no variant of that base carrying that tone goes to
+train: the single-tone ones (e.g. ``man_dark_skin_tone`` and ``man_dark_skin_tone_red_hair``) go to
+test, two-tone ones (``handshake_dark_skin_tone_light_skin_tone``) to val. A test (base, tone) pair is
+therefore never seen in training although the base and the tone both are. Bases without tone variants
+go to val / test with ~10% / ~10% probability (hash of seed and base name).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import unicodedata
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from ...config import DataConfig
+from ...registry import SOURCES
+from ...types import Sample
+from ..skips import SkipLog
+
+DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+FONT_PIXELS = 109                      # the only size the CBDT bitmap strikes come in
+CANVAS = (136, 128)
+TONES = ("light", "medium-light", "medium", "medium-dark", "dark")
+HAIR = ("bald", "beard", "blond_hair", "curly_hair", "red_hair", "white_hair")
+HOLDOUT_PERCENT = {"val": 10, "test": 10}   # for bases without tone variants
+
+_TONE_RE = re.compile(r"_(light|medium-light|medium|medium-dark|dark)_skin_tone")
+_HAIR_RE = re.compile(r"^(man|woman|person)_(" + "|".join(HAIR) + r")$")
+_ALIASES = {"kiss_person_person": "kiss", "couple_with_heart_person_person": "couple_with_heart"}
+_GROUP_HEADS = {"family": "of", "kiss": "between", "couple_with_heart": "of"}
+_MEMBERS = {"man": "men", "woman": "women", "person": "people", "boy": "boys", "girl": "girls",
+            "adult": "adults", "child": "children"}
+_COUNTS = {2: "two", 3: "three", 4: "four"}
+_NO_ARTICLE_FIRST = {"people", "men", "women", "palms"}
+_SINGULAR_S = {"claus", "mrs."}
+_PERSONS = {"man", "woman", "person", "face", "men", "women", "people"}
+_CAPS_WORDS = {"NEW", "UP!", "ON!", "END", "TOP", "ZZZ"}   # capitals read as words, not letters
+_AN_LETTERS = set("aefhilmnorsx")           # letters whose spoken name starts with a vowel sound
+
+
+# ----------------------------------------------------------------------------- names and captions
+
+@dataclass(frozen=True)
+class EmojiName:
+    """A parsed CLDR name. ``words`` keep their original case (acronyms matter for the article)."""
+    words: tuple[str, ...]
+    base: str                      # lowercase base name, spaces (tones and hair removed)
+    tones: tuple[str, ...]         # skin tones in name order, e.g. ("medium-dark", "dark")
+    hair: str | None               # e.g. "red hair", "bald", "beard"
+    flag: bool
+
+
+def _is_flag(char: str) -> bool:
+    return any(0x1F1E6 <= ord(c) <= 0x1F1FF for c in char) or (
+        char.startswith("\U0001F3F4") and any(0xE0061 <= ord(c) <= 0xE007A for c in char))
+
+
+def _clean(text: str) -> str:
+    """ASCII, no quotes or brackets, single spaces (case kept)."""
+    text = text.replace("\u2019", "'").replace("#", "number sign").replace("*", "asterisk")
+    text = text.replace("&", "and")
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = re.sub(r"[\"()\u201c\u201d]", "", text.replace("_", " "))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def parse_name(cldr: str, char: str = "") -> EmojiName:
+    """``':man_red_hair_medium_skin_tone:'``-style names -> words, base, tones, hair, flag."""
+    name = cldr.strip(":")
+    tones = tuple(_TONE_RE.findall(name))
+    rest = _TONE_RE.sub("", name)
+    hair = None
+    m = _HAIR_RE.match(rest.lower())
+    if m:
+        rest, hair = m.group(1), m.group(2).replace("_", " ")
+    rest = _ALIASES.get(rest, rest)
+    words = tuple(_clean(rest).split(" "))
+    return EmojiName(words, " ".join(words).lower(), tones, hair, _is_flag(char))
+
+
+def _article(words: Sequence[str]) -> str:
+    """``"a "``, ``"an "`` or ``""`` (plurals and mass nouns) for a noun phrase."""
+    first = words[0]
+    low = first.lower()
+    head = [w.lower() for w in words]
+    for i, w in enumerate(head[1:], 1):      # head noun phrase: up to "with"/"of"/... (or a verb)
+        if w in ("with", "in", "of", "on", "for") or (w.endswith("ing") and head[0] in _PERSONS):
+            head = head[:i]
+            break
+    last = head[-1]
+    if low in _NO_ARTICLE_FIRST or last in ("skis", "tennis") or (last.endswith("s") and not last.endswith(("ss", "us", "is", "os", "'s"))
+                                    and last not in _SINGULAR_S and len(last) > 2):
+        return ""
+    acronym = first.isupper() and len(first.rstrip("!")) <= 3 and first not in _CAPS_WORDS
+    if acronym:
+        return "an " if low[0] in _AN_LETTERS else "a "
+    if low[0].isdigit():
+        return "an " if low.startswith("8") or low in ("11", "18") else "a "
+    if low.startswith(("one", "uni", "use", "eu", "ewe", "ufo")):
+        return "a "
+    return "an " if low[0] in "aeiou" or low.startswith("hour") else "a "
+
+
+def tone_phrase(tones: Sequence[str]) -> str:
+    """``("medium-dark", "dark")`` -> ``"medium-dark and dark skin tones"``; ``()`` -> ``""``."""
+    uniq = list(dict.fromkeys(tones))
+    if not uniq:
+        return ""
+    if len(uniq) == 1:
+        return f"{uniq[0]} skin tone"
+    return ", ".join(uniq[:-1]) + f" and {uniq[-1]} skin tones"
+
+
+def _members_phrase(members: list[str]) -> str:
+    counts = {m: members.count(m) for m in dict.fromkeys(members)}
+    parts = [f"{_COUNTS.get(n, str(n))} {_MEMBERS[m]}" if n > 1 else f"{_article([m])}{m}"
+             for m, n in counts.items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def caption_for(cldr: str, char: str = "") -> str:
+    """Readable lowercase caption for an emoji's CLDR name (``char`` tells flags apart).
+
+    >>> caption_for(":man_office_worker_medium-dark_skin_tone:")
+    'a man office worker with medium-dark skin tone'
+    """
+    p = parse_name(cldr, char)
+    words = list(p.words)
+    if p.flag:
+        return f"the flag of {' '.join(words).lower()}"
+    if len(words) == 1 and words[0][0].isupper() and words[0][1:].islower():
+        return f"the zodiac sign {words[0].lower()}"          # Aries, Taurus, ... (proper nouns)
+    text = " ".join(words).lower()
+    for head, joiner in _GROUP_HEADS.items():
+        prefix = head.replace("_", " ")
+        members = text[len(prefix):].split()
+        if text.startswith(prefix + " ") and members and all(m in _MEMBERS for m in members):
+            text = f"{prefix} {joiner} {_members_phrase(members)}"
+            break
+    mods = []
+    if p.hair == "bald":
+        text = "bald " + text
+    elif p.hair == "beard":
+        mods.append("a beard")
+    elif p.hair:
+        mods.append(p.hair)
+    if p.tones:
+        mods.append(tone_phrase(p.tones))
+    art = _article(text.split(" ") if p.hair == "bald" else words)
+    caption = art + text + (" with " + " and ".join(mods) if mods else "")
+    return caption.lower()
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def load_font(font: str | Path | None = None) -> ImageFont.FreeTypeFont:
+    path = Path(font or DEFAULT_FONT)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"emoji font not found at {path}; install it with `apt-get install fonts-noto-color-emoji` "
+            f"or pass `--font PATH` (a colour bitmap emoji font such as NotoColorEmoji.ttf)")
+    return ImageFont.truetype(str(path), FONT_PIXELS)
+
+
+def render_emoji(char: str, font: ImageFont.FreeTypeFont, size: int = 64) -> tuple[Image.Image | None, str]:
+    """Render one emoji to an RGB ``size`` x ``size`` image on white.
+
+    Returns ``(image, "")`` or ``(None, reason)`` with reason ``"blank"`` (no glyph in the font) or
+    ``"multi_glyph"`` (a sequence the font has no ligature for, drawn as several glyphs).
+    """
+    probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+    if probe.textlength(char, font=font, embedded_color=True) > 1.5 * CANVAS[0]:
+        return None, "multi_glyph"
+    canvas = Image.new("RGBA", CANVAS, (255, 255, 255, 0))
+    ImageDraw.Draw(canvas).text((0, 0), char, font=font, embedded_color=True)
+    bbox = canvas.getchannel("A").point(lambda a: 255 if a > 8 else 0).getbbox()
+    if bbox is None:
+        return None, "blank"
+    crop = canvas.crop(bbox)
+    side = max(crop.size)
+    square = Image.new("RGBA", (side, side), (255, 255, 255, 0))
+    square.paste(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
+    white = Image.new("RGBA", (side, side), (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, square).convert("RGB")
+    return rgb.resize((size, size), Image.LANCZOS), ""
+
+
+# ----------------------------------------------------------------------------- split and build
+
+def _hash_percent(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha1(f"{seed}:{name}".encode()).digest()[:4], "little") % 100
+
+
+def assign_splits(entries: list[dict], seed: int = 0) -> None:
+    """Set ``entry["split"]`` for entries carrying ``base`` and ``tones`` (see module docstring)."""
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(e["base"], []).append(e)
+    toned = sorted(b for b, es in groups.items() if any(e["tones"] for e in es))
+    for i, b in enumerate(toned):
+        present = {t for e in groups[b] for t in e["tones"]}
+        start = (i + seed) % len(TONES)
+        held = next(TONES[(start + j) % len(TONES)] for j in range(len(TONES))
+                    if TONES[(start + j) % len(TONES)] in present)
+        for e in groups[b]:   # multi-tone variants with the held tone: unseen too, but go to val
+            e["split"] = "train" if held not in e["tones"] else ("test" if len(set(e["tones"])) == 1 else "val")
+    for b, es in groups.items():
+        if b in toned:
+            continue
+        h = _hash_percent(seed, b)
+        split = "val" if h < HOLDOUT_PERCENT["val"] else (
+            "test" if h < HOLDOUT_PERCENT["val"] + HOLDOUT_PERCENT["test"] else "train")
+        for e in es:
+            e["split"] = split
+
+
+def emoji_entries(limit: int | None = None) -> list[dict]:
+    """Fully-qualified emoji as dicts (char, cldr, base, tones, caption...), sorted by CLDR name.
+
+    ``limit`` keeps only the first ``limit`` bases (sorted): half with tone variants, half without.
+    """
+    import emoji as emoji_lib
+    fq = emoji_lib.STATUS["fully_qualified"]
+    out = []
+    for char, data in emoji_lib.EMOJI_DATA.items():
+        if data.get("status") != fq:
+            continue
+        p = parse_name(data["en"], char)
+        out.append({"emoji": char, "cldr": data["en"], "base": p.base, "tones": list(p.tones),
+                    "caption": caption_for(data["en"], char),
+                    "category": tone_phrase(p.tones) or "none"})
+    out.sort(key=lambda e: e["cldr"])
+    if limit is not None:
+        toned = sorted({e["base"] for e in out if e["tones"]})
+        plain = sorted({e["base"] for e in out} - set(toned))
+        keep = set(toned[:(limit + 1) // 2]) | set(plain[:limit // 2])
+        out = [e for e in out if e["base"] in keep]
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by ``tmp``; refuse to clobber a directory that is not an emoji dataset."""
+    tmp.chmod(0o755)                   # mkdtemp makes it private
+    if out.is_file():
+        raise FileExistsError(f"{out} is a file; pass a directory for the emoji dataset")
+    if out.exists():
+        meta = out / "meta.json"
+        is_ours = meta.is_file() and json.loads(meta.read_text()).get("dataset") == "emoji"
+        if not is_ours and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not an emoji dataset; refusing to overwrite")
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def build_emoji_dataset(out_dir: str | Path, font: str | Path | None = None, size: int = 64,
+                        seed: int = 0, progress: bool = True, limit: int | None = None) -> dict:
+    """Render the emoji dataset into ``out_dir`` (atomically replaced) and return its stats."""
+    import emoji as emoji_lib
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    font_path = Path(font or DEFAULT_FONT)
+    ft = load_font(font_path)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "images").mkdir()
+        skipped = {"blank": 0, "multi_glyph": 0}
+        entries: list[dict] = []       # rendered ones; image index = position here
+        for e in tqdm(emoji_entries(limit), desc="rendering emoji", unit="emoji", disable=not progress):
+            img, why = render_emoji(e["emoji"], ft, size)
+            if img is None:
+                skipped[why] += 1
+                continue
+            e["image"] = f"images/{len(entries):05d}.png"
+            img.save(tmp / e["image"])
+            entries.append(e)
+        assign_splits(entries, seed)
+        bases = {b: i for i, b in enumerate(sorted({e["base"] for e in entries}))}
+        rows: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+        for e in entries:
+            rows[e["split"]].append(json.dumps(
+                {"image": e["image"], "caption": e["caption"], "item_id": bases[e["base"]], "label": e["base"],
+                 "category": e["category"], "emoji": e["emoji"]}, ensure_ascii=False))
+        for split, lines in rows.items():
+            (tmp / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        stats = {"dataset": "emoji", "total": len(entries), **{s: len(v) for s, v in rows.items()},
+                 "bases": len(bases), "toned_bases": len({e["base"] for e in entries if e["tones"]}),
+                 "skipped": sum(skipped.values()), "skipped_reasons": skipped, "font": str(font_path),
+                 "size": size, "seed": seed, "limit": limit, "emoji_version": emoji_lib.__version__,
+                 "layout": "raqm" if ft.layout_engine == ImageFont.Layout.RAQM else "basic"}
+        (tmp / "meta.json").write_text(json.dumps(stats, indent=2) + "\n")   # written last
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**stats, "out_dir": str(out), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# ----------------------------------------------------------------------------- the source
+
+def _open_rgb(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class EmojiJsonl(Sequence[Sample]):
+    """Rows of one split file, parsed eagerly (a few thousand lines), images loaded lazily."""
+
+    def __init__(self, path: Path, skips: SkipLog):
+        self.path = path
+        self.samples: list[Sample] = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    self._add(line, f"{path}:{lineno}", skips)
+
+    def _add(self, line: str, where: str, skips: SkipLog) -> None:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return skips.skip(f"malformed jsonl row: invalid JSON ({e.msg})", where)
+        if not isinstance(row, dict):
+            return skips.skip("malformed jsonl row: not a JSON object", where)
+        image, caption, item_id = row.get("image"), row.get("caption"), row.get("item_id", -1)
+        if not isinstance(image, str) or not image:
+            return skips.skip("malformed jsonl row: missing 'image'", where)
+        if not isinstance(caption, str):
+            return skips.skip("malformed jsonl row: missing 'caption'", where)
+        if not isinstance(item_id, int) or isinstance(item_id, bool):
+            return skips.skip("malformed jsonl row: 'item_id' is not an integer", where)
+        if not caption.strip():
+            return skips.skip("empty caption", where)
+        img = str(self.path.parent / image)
+        self.samples.append(Sample(
+            key=img, load_image=partial(_open_rgb, img), captions=[caption.strip()],
+            image_id=len(self.samples), item_id=item_id, label=row.get("label"),
+            category=row.get("category"), source=where))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+
+@SOURCES.register("emoji")
+def build(cfg: DataConfig, split: str, skips: SkipLog) -> EmojiJsonl:
+    """Read ``<cfg.root>/<name>.jsonl``; ``name`` is ``cfg.train/val/test`` for those split names
+    (the defaults are the names themselves), or ``split`` as given; a .jsonl path is used as is."""
+    root = Path(cfg.root)
+    name = str(getattr(cfg, split)) if split in ("train", "val", "test") else split
+    path = Path(name) if name.endswith(".jsonl") and Path(name).is_file() else root / f"{name}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"emoji dataset not found at {root} (no {path.name}); "
+                                f"run `finealign data build emoji --out {root}`")
+    return EmojiJsonl(path, skips)
