@@ -1,0 +1,187 @@
+"""Transformer building blocks shared by every tower: attention, MLP, pre-LN block, KV cache.
+
+All attention goes through ``F.scaled_dot_product_attention``; the explicit softmax path is only taken
+when the caller asks for the attention weights (e.g. MacCap's cls->patch saliency).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+class KVCache:
+    """Keys and values of one attention layer, (B, H, L, Dh) each, grown one decoding step at a time.
+
+    Self-attention caches ``append`` new keys/values; cross-attention caches are filled once (``set``)
+    from the fixed memory. ``reorder`` picks batch rows (beam search: rows follow their beam of origin).
+    """
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def filled(self) -> bool:
+        return self.k is not None
+
+    def set(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k, self.v = k, v
+        return k, v
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=2)  # (B, H, L+t, Dh)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def reorder(self, index: Tensor) -> None:
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+def reorder_caches(caches, index: Tensor) -> None:
+    """Reorder every ``KVCache`` in a (nested) list/tuple/dict of caches."""
+    if isinstance(caches, KVCache):
+        caches.reorder(index)
+    elif isinstance(caches, dict):
+        for c in caches.values():
+            reorder_caches(c, index)
+    elif isinstance(caches, (list, tuple)):
+        for c in caches:
+            reorder_caches(c, index)
+
+
+def step_mask(q_len: int, start_pos: int, device: torch.device) -> Tensor | None:
+    """Causal mask for ``q_len`` new queries at positions start_pos.. over all start_pos+q_len keys.
+
+    Returns None where no mask is needed (a single new query sees the whole cached prefix).
+    """
+    if q_len == 1:
+        return None
+    k_len = start_pos + q_len
+    q_pos = torch.arange(start_pos, k_len, device=device)[:, None]  # (t, 1)
+    k_pos = torch.arange(k_len, device=device)[None, :]              # (1, L)
+    return k_pos <= q_pos                                            # (t, L) True = may attend
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention uses one fused qkv Linear; cross-attention (``kv_dim`` set)
+    projects queries from ``x`` and keys/values from ``context`` (width kv_dim)."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, cross: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads, self.head_dim, self.cross = heads, dim // heads, cross
+        if cross:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(kv_dim or dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                is_causal: bool = False, cache: KVCache | None = None, need_weights: bool = False):
+        """x (B, L, D); context (B, S, Dkv) for cross-attention (unused once ``cache`` is filled);
+        mask: bool, broadcastable to (B, H, L, S), True = may attend.
+        Returns (B, L, D), or ((B, L, D), weights (B, H, L, S)) when need_weights."""
+        B, L, D = x.shape
+        H, Dh = self.heads, self.head_dim
+        if self.cross:
+            q = self.q(x).view(B, L, H, Dh).transpose(1, 2)                       # (B, H, L, Dh)
+            if cache is not None and cache.filled:
+                k, v = cache.k, cache.v
+            else:
+                S = context.shape[1]
+                k, v = self.kv(context).view(B, S, 2, H, Dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, Dh)
+                if cache is not None:
+                    cache.set(k, v)
+        else:
+            q, k, v = self.qkv(x).view(B, L, 3, H, Dh).permute(2, 0, 3, 1, 4)     # 3 x (B, H, L, Dh)
+            if cache is not None:
+                k, v = cache.append(k, v)                                         # (B, H, S, Dh)
+
+        if need_weights:  # explicit softmax(q k^T / sqrt(d)) v, only on request
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(Dh))              # (B, H, L, S)
+            if is_causal:
+                mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            att = att.softmax(dim=-1)
+            y = att.to(v.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        y = self.proj(y.transpose(1, 2).reshape(B, L, D))                          # (B, L, D)
+        return (y, att) if need_weights else y
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.fc = nn.Linear(dim, hidden)
+        self.proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + SelfAttn(LN x) [+ CrossAttn(LN x, LN memory)] + MLP(LN x)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, cross_dim: int | None = None):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.has_cross = cross_dim is not None
+        if self.has_cross:
+            self.ln_x = nn.LayerNorm(dim)
+            self.ln_kv = nn.LayerNorm(cross_dim)
+            self.cross_attn = Attention(dim, heads, kv_dim=cross_dim, cross=True)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                is_causal: bool = False, cache: KVCache | None = None, cross_cache: KVCache | None = None,
+                need_weights: bool = False):
+        """x (B, L, D) -> (B, L, D); with need_weights also the self-attention weights (B, H, L, L)."""
+        a = self.attn(self.ln_1(x), mask=mask, is_causal=is_causal, cache=cache, need_weights=need_weights)
+        if need_weights:
+            a, weights = a
+        x = x + a
+        if self.has_cross:
+            ctx = None if (cross_cache is not None and cross_cache.filled) else self.ln_kv(context)
+            x = x + self.cross_attn(self.ln_x(x), context=ctx, cache=cross_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return (x, weights) if need_weights else x
+
+
+def run_block(block: nn.Module, x: Tensor, use_checkpoint: bool, **kw) -> Tensor:
+    """Run one block, recomputing its activations in backward when ``use_checkpoint``."""
+    if use_checkpoint:
+        return checkpoint(block, x, use_reentrant=False, **kw)
+    return block(x, **kw)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Linear / Embedding ~ N(0, 0.02) (truncated for Linear), zero biases, LayerNorm weight 1."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,86 @@
+import pytest
+
+from finealign.config import ConfigError, find_recipe, load_config, parse_overrides
+
+
+def test_recipe_and_overrides_resolve():
+    cfg = load_config("coca", ["train.steps=200", "model.vision_width=256", "eval.tasks=[retrieval]"])
+    assert cfg.train.steps == 200
+    assert cfg.model.vision_width == 256
+    assert cfg.model.patch_size == 4            # from the tiny preset
+    assert cfg.eval.tasks == ["retrieval"]
+    assert cfg.active_objectives() == {"itc": {"weight": 1.0}, "ic": {"weight": 2.0}}
+    assert cfg.recipe == "coca"
+
+
+def test_preset_then_recipe_then_cli_order():
+    cfg = load_config("coca", ["model.preset=bench-tiny", "model.vision_layers=2"])
+    assert cfg.model.image_size == 64 and cfg.model.vocab_size == 8192   # preset
+    assert cfg.model.vision_layers == 2                                    # CLI wins over preset
+
+
+def test_clip_recipe_has_no_decoder():
+    cfg = load_config("clip")
+    assert cfg.model.decoder_layers == 0 and cfg.model.image_pool == "cls"
+    assert list(cfg.active_objectives()) == ["itc"]
+
+
+@pytest.mark.parametrize("override,bad,expected", [
+    ("train.stpes=3", "train.stpes", "train.steps"),
+    ("modle.width=3", "modle", "model"),
+    ("model.vision_widht=3", "model.vision_widht", "model.vision_width"),
+])
+def test_unknown_key_names_closest(override, bad, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config("coca", [override])
+    assert f"unknown config key '{bad}'; did you mean '{expected}'?" == str(e.value)
+
+
+def test_unknown_objective_and_recipe_and_preset():
+    with pytest.raises(KeyError, match="did you mean 'itc'"):
+        load_config("coca", ["objectives.itcc.weight=1"])
+    with pytest.raises(ConfigError, match="did you mean 'coca'"):
+        load_config("cocaa")
+    with pytest.raises(ConfigError, match="unknown model preset 'tinyy'.*did you mean 'tiny'"):
+        load_config("coca", ["model.preset=tinyy"])
+
+
+def test_type_errors_are_named():
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config("coca", ["train.steps=lots"])
+    with pytest.raises(ConfigError, match="grad_accum"):
+        load_config("coca", ["data.batch_size=10", "train.grad_accum=3"])
+
+
+def test_weight_zero_switches_off():
+    cfg = load_config("coca", ["objectives.ic.weight=0"])
+    assert list(cfg.active_objectives()) == ["itc"]
+
+
+def test_recipe_base_and_yaml_safety(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: coca\ntrain: {steps: 7}\n")
+    cfg = load_config(str(child))
+    assert cfg.train.steps == 7 and "ic" in cfg.objectives
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(evil))
+    cyc = tmp_path / "cyc.yaml"
+    cyc.write_text(f"base: {cyc}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(cyc))
+
+
+def test_parse_overrides_nested_and_typed():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]", "e=true"]) == {
+        "a": {"b": 1, "c": "x"}, "d": [1, 2], "e": True}
+    with pytest.raises(ConfigError):
+        parse_overrides(["novalue"])
+
+
+def test_bundled_recipes_all_load():
+    from finealign.config import CONFIG_DIR
+    for p in CONFIG_DIR.rglob("*.yaml"):
+        load_config(str(p))
+    assert find_recipe("quickstart").name == "quickstart.yaml"

@@ -1,0 +1,240 @@
+"""Model towers, ContrastiveCaptioner features and caption decoding."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finealign.config import ConfigError, ModelConfig, load_preset
+from finealign.models.coca import ContrastiveCaptioner
+from finealign.models.factory import build_model, count_parameters
+from finealign.types import Batch
+
+BOS, EOS, PAD = 1, 2, 0
+VOCAB = 64
+
+
+def model_cfg(preset: str, **over) -> ModelConfig:
+    try:
+        from finealign.config import from_dict
+        cfg = from_dict({"model": {"preset": preset}}).model
+    except (ImportError, KeyError, ConfigError):  # objectives not registered yet: build the preset directly
+        cfg = ModelConfig(preset=preset, **load_preset(preset))
+    return dataclasses.replace(cfg, **over)
+
+
+def make_batch(cfg: ModelConfig, B: int = 3, T: int = 12, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    text = torch.randint(3, VOCAB, (B, T), generator=g)
+    lengths = torch.tensor([T, T // 2, 3])[:B]
+    pos = torch.arange(T)[None]
+    text[:, 0] = BOS
+    text[pos == (lengths[:, None] - 1)] = EOS
+    mask = pos < lengths[:, None]
+    text[~mask] = PAD
+    return Batch(images=images, text=text, text_mask=mask, image_ids=torch.arange(B), item_ids=torch.arange(B),
+                 captions=[""] * B, keys=[str(i) for i in range(B)])
+
+
+def tiny_model(seed: int = 0, **over) -> ContrastiveCaptioner:
+    torch.manual_seed(seed)
+    return build_model(model_cfg("tiny", vocab_size=0, **over), VOCAB).eval()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "bench-tiny"])
+def test_forward_shapes(preset):
+    torch.manual_seed(0)
+    cfg = model_cfg(preset, vocab_size=0)
+    model = build_model(cfg, VOCAB)
+    batch = make_batch(cfg, B=2)
+    f = model(batch)
+    B, T = batch.text.shape
+    N = (cfg.image_size // cfg.patch_size) ** 2
+    assert f.image_embed.shape == f.text_embed.shape == (B, cfg.embed_dim)
+    assert f.image_tokens.shape == (B, N, cfg.vision_width)
+    assert f.text_tokens.shape == (B, T, cfg.text_width)
+    assert f.caption_logits.shape == (B, T, VOCAB)
+    assert f.logit_scale.shape == () and abs(f.logit_scale.item() - 1 / cfg.init_temperature) < 1e-3
+    for t in (f.image_embed, f.text_embed, f.image_tokens, f.text_tokens, f.caption_logits):
+        assert torch.isfinite(t).all()
+    assert torch.allclose(f.image_embed.norm(dim=-1), torch.ones(B), atol=1e-5)
+    assert torch.allclose(f.text_embed.norm(dim=-1), torch.ones(B), atol=1e-5)
+    img = model.encode_image(batch.images)
+    assert img["memory"].shape == (B, cfg.caption_queries, cfg.text_width)
+    assert img["cls"].shape == (B, cfg.vision_width)
+
+
+def test_clip_variant_has_no_decoder():
+    cfg = model_cfg("tiny", decoder_layers=0, image_pool="cls")
+    model = build_model(cfg, VOCAB)
+    assert model.decoder is None and model.pooler is None
+    f = model(make_batch(cfg))
+    assert f.caption_logits is None and f.image_embed.shape == (3, cfg.embed_dim)
+    assert model.encode_image(make_batch(cfg).images)["memory"] is None
+    with pytest.raises(RuntimeError):
+        model.generate(make_batch(cfg).images, BOS, EOS, PAD)
+    # cls pooling with a decoder: a separate memory pooler
+    m2 = build_model(model_cfg("tiny", image_pool="cls"), VOCAB)
+    assert m2(make_batch(cfg)).caption_logits.shape == (3, 12, VOCAB)
+
+
+def test_factory_validates_and_counts():
+    with pytest.raises(ConfigError, match="text_width"):
+        build_model(model_cfg("tiny", text_heads=3), VOCAB)
+    m = build_model(model_cfg("tiny", vocab_size=100), VOCAB)
+    assert m.decoder.lm_head.out_features == 100
+    assert count_parameters(m) == sum(p.numel() for p in m.parameters())
+
+
+def test_text_pooled_independent_of_padding():
+    model = tiny_model()
+    cfg = model.cfg
+    b16 = make_batch(cfg, T=16)
+    T = 32
+    text = torch.full((3, T), PAD)
+    text[:, :16] = b16.text
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    mask[:, :16] = b16.text_mask
+    e16, e32 = model.encode_text(b16.text, b16.text_mask), model.encode_text(text, mask)
+    assert torch.allclose(e16["embed"], e32["embed"], atol=1e-5)
+    assert torch.allclose(e16["tokens"][b16.text_mask], e32["tokens"][:, :16][b16.text_mask], atol=1e-5)
+
+
+def test_forward_step_matches_full_forward():
+    model = tiny_model()
+    text = make_batch(model.cfg, T=10).text.clone()
+    text[text == PAD] = 5
+    full = model.text(text, torch.ones_like(text, dtype=torch.bool))[1]
+    assert torch.allclose(model.text.encode_tokens(text), full, atol=1e-5)
+    cache = model.text.new_cache()
+    parts = [model.text.forward_step(text[:, :4], cache, 0)]          # a chunk, then one at a time
+    parts += [model.text.forward_step(text[:, i:i + 1], cache, i) for i in range(4, 7)]
+    parts.append(model.text.forward_step(text[:, 7:], cache, 7))       # chunk after a prefix
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    memory = model.encode_image(make_batch(model.cfg).images)["memory"]
+    logits = model.caption_logits(memory, full)
+    dcache = model.decoder.new_cache()
+    steps = [model.decoder.forward_step(full[:, :3], memory, dcache, 0)]
+    steps += [model.decoder.forward_step(full[:, i:i + 1], memory, dcache, i) for i in range(3, 10)]
+    assert torch.allclose(torch.cat(steps, 1), logits, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny captioner fitted for a few steps to caption 4 images with captions of different lengths,
+    so that decoding is neither degenerate nor a single repeated token."""
+    model = tiny_model(seed=0, text_layers=1, decoder_layers=1, vision_layers=1)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, cfg.image_size, cfg.image_size, generator=g)
+    caps = [[BOS, 5, 6, 7, EOS], [BOS, 8, 9, EOS], [BOS, 10, 11, 12, 13, 14, EOS], [BOS, 15, EOS]]
+    T = max(map(len, caps))
+    text = torch.tensor([c + [PAD] * (T - len(c)) for c in caps])
+    mask = text != PAD
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(40):
+        f = model(Batch(images, text, mask, torch.arange(4), torch.arange(4), [""] * 4, [""] * 4))
+        loss = F.cross_entropy(f.caption_logits[:, :-1].flatten(0, 1), text[:, 1:].flatten(),
+                               ignore_index=PAD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), images, text
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_cached_generation_equals_uncached(trained, strategy):
+    model, images, _ = trained
+    images = torch.cat([images, images.flip(-1)])                     # 4 fitted + 4 unseen images
+    kw = dict(strategy=strategy, max_new_tokens=10, beam_size=3)
+    cached = model.generate(images, BOS, EOS, PAD, use_cache=True, **kw)
+    uncached = model.generate(images, BOS, EOS, PAD, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    assert (cached[:, 0] == BOS).all() and len(set(map(tuple, cached.tolist()))) > 1
+    for row in cached.tolist():                                       # PAD only after EOS
+        if EOS in row:
+            assert all(t == PAD for t in row[row.index(EOS) + 1:])
+        assert PAD not in row[: row.index(EOS) if EOS in row else len(row)]
+    assert (cached == EOS).any(dim=1).sum() >= 4
+
+
+def test_generation_fits_training_captions(trained):
+    model, images, text = trained
+    out = model.generate(images, BOS, EOS, PAD, strategy="beam", max_new_tokens=10)
+    assert out.shape[0] == 4
+    for row, ref in zip(out.tolist(), text.tolist()):
+        ref = [t for t in ref if t != PAD]
+        assert row[:len(ref)] == ref
+
+
+@pytest.fixture(scope="module")
+def random_captioner():
+    """Random-init tiny captioner with a sharpened LM head: beams diverge from greedy, and with EOS = a
+    token it emits late, some rows finish early while others run to max_new_tokens."""
+    model = tiny_model(seed=0)
+    with torch.no_grad():
+        model.decoder.lm_head.weight.mul_(10.0)
+    images = make_batch(model.cfg, B=3).images
+    return model, torch.cat([images, -images, 2 * images])
+
+
+def test_cached_beam_equals_uncached_with_reordering(random_captioner):
+    model, images = random_captioner
+    eos = 30
+    out = {}
+    for strategy in ("greedy", "beam"):
+        for use_cache in (True, False):
+            out[strategy, use_cache] = model.generate(images, BOS, eos, PAD, strategy=strategy, beam_size=4,
+                                                      max_new_tokens=12, use_cache=use_cache)
+        assert torch.equal(out[strategy, True], out[strategy, False]), strategy
+    beam = out["beam", True]
+    assert not torch.equal(beam, out["greedy", True][:, :beam.shape[1]])
+    ended = (beam == eos).any(dim=1)
+    assert ended.any() and not ended.all()
+
+
+def test_top_p_reproducible(random_captioner):
+    model, images = random_captioner
+    kw = dict(strategy="top_p", top_p=0.9, temperature=1.0, max_new_tokens=8)
+    a = model.generate(images, BOS, EOS, PAD, generator=torch.Generator().manual_seed(3), **kw)
+    b = model.generate(images, BOS, EOS, PAD, generator=torch.Generator().manual_seed(3), **kw)
+    c = model.generate(images, BOS, EOS, PAD, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(a, b) and (a[:, 0] == BOS).all()
+    assert not torch.equal(a, c)
+    # top_p -> 0 keeps only the most likely token: greedy
+    g = model.generate(images, BOS, EOS, PAD, max_new_tokens=8)
+    assert torch.equal(model.generate(images, BOS, EOS, PAD, strategy="top_p", top_p=1e-6, max_new_tokens=8,
+                                      generator=torch.Generator().manual_seed(0)), g)
+
+
+def test_grad_checkpointing_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(seed=0, grad_checkpointing=ckpt).train()
+        f = model(make_batch(model.cfg))
+        logits = f.logit_scale * f.image_embed @ f.text_embed.T
+        labels = torch.arange(logits.shape[0])
+        b = make_batch(model.cfg)
+        loss = F.cross_entropy(logits, labels) + F.cross_entropy(
+            f.caption_logits[:, :-1].flatten(0, 1), b.text[:, 1:].flatten(), ignore_index=PAD)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4), n
+
+
+def test_cls_attention_sums_to_one():
+    model = tiny_model()
+    images = make_batch(model.cfg).images
+    out = model.encode_image(images, return_attn=True)
+    N = model.visual.num_patches
+    attn = out["attn"]
+    assert attn.shape == (3, N) and (attn >= 0).all()
+    assert torch.allclose(attn.sum(-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(out["patches"], model.encode_image(images)["patches"], atol=1e-5)
+    assert torch.allclose(model.visual.cls_attention(images), attn)
