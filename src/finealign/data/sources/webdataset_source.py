@@ -1,0 +1,196 @@
+"""Source "webdataset": tar shards in img2dataset layout, streamed with the ``webdataset`` library.
+
+Each sample is a group of members sharing a key: ``KEY.jpg|jpeg|png|webp`` plus ``KEY.txt``
+(the caption) and/or ``KEY.json`` (``{"caption": ..., "captions": [...], "item_id", "label",
+"category", "regions": [{"box", "phrase"}]}``). The split value is a shard pattern such as
+``shards/train-{000000..000009}.tar`` (braces expanded), relative to ``cfg.root``; a directory
+(all ``*.tar`` inside) or a bare name (``train`` -> ``root/train-*.tar`` / ``root/train/*.tar``)
+also works.
+
+``build`` returns a ``WebDatasetSource`` (an ``IterableDataset`` of Samples, stream order,
+``image_id`` = position in the stream). Members without an image or a caption are counted as
+"unpaired member"; unreadable shards as "corrupt shard". Every iteration reads all shards: the
+loader splits work among DataLoader workers itself (see ``loader.TrainLoader``), which keeps the
+batch order independent of the worker count. ``write_shards`` writes Samples into shards.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import braceexpand
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+from ...config import DataConfig
+from ...registry import SOURCES
+from ...types import Region, Sample
+from ..skips import SkipLog
+from ..transforms import to_rgb
+from .common import BytesImage, Skipped, clean_text, parse_box, split_value
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(cfg: DataConfig, split: str) -> list[str]:
+    """Split value -> list of existing shard paths (raises FileNotFoundError if none)."""
+    value = split_value(cfg, split)
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    rdir = root if root is not None and root.is_dir() else None
+    p = Path(value).expanduser()
+    base = p if p.is_absolute() or rdir is None else rdir / p
+    if base.is_dir():
+        shards = sorted(glob.glob(str(base / "*.tar")))
+    elif "{" in value or base.suffix == ".tar" or "*" in value:
+        shards = [s for pat in braceexpand.braceexpand(str(base))
+                  for s in (sorted(glob.glob(pat)) if "*" in pat else [pat])]
+    else:
+        shards = sorted(glob.glob(f"{base}-*.tar")) or sorted(glob.glob(f"{base}/*.tar"))
+    existing = [s for s in shards if os.path.isfile(s)]
+    if not existing:
+        raise FileNotFoundError(f"data split {split!r} = {value!r}: no shard found "
+                                f"(looked for {base}; data.root = {cfg.root!r})")
+    return shards
+
+
+class _Handler:
+    """webdataset exception handler: queue the error, keep going (picklable)."""
+
+    def __init__(self):
+        self.errors: list[Skipped] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        where = " ".join(str(a) for a in getattr(exn, "args", ())[:1]) or type(exn).__name__
+        reason = "missing shard" if isinstance(exn, FileNotFoundError) else "corrupt shard"
+        self.errors.append(Skipped(reason, where))
+        return True
+
+
+def _decode_json(raw: bytes) -> dict:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _captions(rec: dict, meta: dict, caption_key: str) -> list[str]:
+    caps: list[str] = []
+    if "txt" in rec:
+        caps.append(clean_text(rec["txt"].decode("utf-8", errors="replace")))
+    for k in dict.fromkeys((caption_key, "caption", "captions")):
+        v = meta.get(k)
+        for c in (v if isinstance(v, list) else [v]):
+            if isinstance(c, str) and clean_text(c) and clean_text(c) not in caps:
+                caps.append(clean_text(c))
+    return [c for c in caps if c]
+
+
+def _regions(meta: dict) -> list[Region]:
+    out = []
+    for r in meta.get("regions") or []:
+        try:
+            out.append(Region(box=parse_box(r.get("box")), phrase=clean_text(r.get("phrase", ""))))
+        except (ValueError, AttributeError):
+            continue
+    return out
+
+
+class WebDatasetSource(IterableDataset):
+    """Iterable of Samples read from tar shards (stream order, no shuffling here)."""
+
+    def __init__(self, shards: list[str], skips: SkipLog | None = None, caption_key: str = "caption"):
+        super().__init__()
+        self.shards = list(shards)
+        self.skips = skips if skips is not None else SkipLog()
+        self.caption_key = caption_key
+
+    def __repr__(self) -> str:
+        return f"WebDatasetSource({len(self.shards)} shard(s), first={self.shards[:1]})"
+
+    def iter_with_skips(self) -> Iterator[Sample | Skipped]:
+        """Samples in stream order, with ``Skipped`` markers for bad members/shards in place."""
+        handler = _Handler()
+        ds = wds.WebDataset(self.shards, shardshuffle=False, empty_check=False, handler=handler,
+                            workersplitter=None, nodesplitter=None)
+        n = 0
+        for rec in ds:
+            while handler.errors:
+                yield handler.errors.pop(0)
+            key = rec.get("__key__", "?")
+            where = f"{rec.get('__url__', '?')}:{key}"
+            img_ext = next((e for e in IMAGE_EXTS if e in rec), None)
+            meta = _decode_json(rec["json"]) if "json" in rec else {}
+            caps = _captions(rec, meta, self.caption_key)
+            if img_ext is None or not caps:
+                has_text = "txt" in rec or "json" in rec
+                yield Skipped("empty caption" if img_ext and has_text else "unpaired member", where)
+                continue
+            item = meta.get("item_id")
+            yield Sample(key=where, load_image=BytesImage(rec[img_ext], where), captions=caps,
+                         image_id=n, item_id=int(item) if isinstance(item, int) else n,
+                         label=None if meta.get("label") is None else str(meta["label"]),
+                         category=None if meta.get("category") is None else str(meta["category"]),
+                         regions=_regions(meta), source=where)
+            n += 1
+        while handler.errors:
+            yield handler.errors.pop(0)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for x in self.iter_with_skips():
+            if isinstance(x, Skipped):
+                self.skips.skip(x.reason, x.key)
+            else:
+                yield x
+
+
+@SOURCES.register("webdataset")
+def build_webdataset(cfg: DataConfig, split: str, skips: SkipLog) -> WebDatasetSource:
+    """Shard-pattern source; missing shards of an expanded pattern are counted as skips."""
+    shards = expand_shards(cfg, split)
+    present = []
+    for s in shards:
+        if os.path.isfile(s):
+            present.append(s)
+        else:
+            skips.skip("missing shard", s)
+    return WebDatasetSource(present, skips, caption_key=cfg.caption_key)
+
+
+def write_shards(samples: Iterable[Sample], pattern: str, maxcount: int = 1000,
+                 image_format: str = "png", skips: SkipLog | None = None) -> list[str]:
+    """Write Samples as img2dataset-style shards; returns the shard paths written.
+
+    ``pattern`` is a printf pattern (``out/train-%06d.tar``). Each sample becomes
+    ``KEY.<png|jpg>`` + ``KEY.txt`` (first caption) + ``KEY.json`` (all captions, ids, label,
+    category, regions, original key). Samples whose image cannot be loaded are skipped
+    (``skips`` counts them as "unreadable image"; without ``skips`` the error is raised).
+    """
+    if "%" not in pattern:
+        raise ValueError(f"shard pattern needs a printf field such as %06d, got {pattern!r}")
+    fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[image_format.lower()]
+    ext = "jpg" if fmt == "JPEG" else image_format.lower()
+    Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, post=written.append) as sink:
+        for i, s in enumerate(samples):
+            try:
+                img = to_rgb(s.load_image())
+                buf = io.BytesIO()
+                img.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+            except Exception as e:
+                if skips is None:
+                    raise
+                skips.skip("unreadable image", f"{s.key} ({type(e).__name__})")
+                continue
+            meta = {"caption": s.captions[0] if s.captions else "", "captions": list(s.captions),
+                    "item_id": s.item_id, "image_id": s.image_id, "label": s.label,
+                    "category": s.category, "key": s.key,
+                    "regions": [{"box": list(r.box), "phrase": r.phrase} for r in s.regions]}
+            sink.write({"__key__": f"{i:09d}", ext: buf.getvalue(),
+                        "txt": meta["caption"], "json": json.dumps(meta).encode("utf-8")})
+    return written
