@@ -1,0 +1,121 @@
+"""Evaluate a model on a split: retrieval, captioning and zero-shot classification.
+
+Every task embeds / captions each *unique image* once; several captions per image count as several
+references (captioning) or several positives (retrieval).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data.loader import build_source, collect_captions, iter_eval_images
+from ..data.skips import SkipLog
+from ..data.transforms import ImageTransform
+from .captioning import score_captions
+from .classification import build_class_embeddings, zero_shot_classify
+from .retrieval import retrieval_metrics
+
+log = logging.getLogger("finealign")
+TASKS = ("retrieval", "caption", "classify")
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts: Sequence[str], context_length: int, device, batch_size: int = 256):
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = tokenizer.encode_batch(list(texts[i:i + batch_size]), context_length)
+        out.append(model.encode_text(ids.to(device), mask.to(device))["embed"].float())
+    return torch.cat(out) if out else torch.zeros(0, model.embed_dim, device=device)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Sequence[str] | None = None,
+             device: torch.device | str = "cpu", progress: bool = True, samples=None) -> dict:
+    """Returns ``{"retrieval": {...}, "caption": {...}, "classify": {...}, "samples": [...], "skipped": {...}}``."""
+    tasks = list(tasks or cfg.eval.tasks)
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown eval task {t!r}; choose from {', '.join(TASKS)}")
+    if "caption" in tasks and getattr(model, "decoder", None) is None:
+        log.warning("model has no caption decoder (decoder_layers=0): skipping the caption task")
+        tasks.remove("caption")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    skips = SkipLog(strict=cfg.data.strict)
+    if samples is None:
+        samples = build_source(cfg.data, split or cfg.data.test, skips)
+    if cfg.eval.max_images:
+        samples = [s for _, s in zip(range(cfg.eval.max_images), samples)]
+    transform = ImageTransform(cfg.model.image_size, train=False)
+
+    image_embeds, kept, generated = [], [], []
+    bar = tqdm(desc="eval", disable=not progress, unit="img", dynamic_ncols=True)
+    for images, batch_samples in iter_eval_images(samples, transform, cfg.data.eval_batch_size,
+                                                  cfg.data.workers, skips):
+        images = images.to(device)
+        image_embeds.append(model.encode_image(images)["embed"].float())
+        kept.extend(batch_samples)
+        if "caption" in tasks:
+            ids = model.generate(images, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+                                 strategy=cfg.eval.decode, max_new_tokens=cfg.eval.max_new_tokens,
+                                 beam_size=cfg.eval.beam_size, top_p=cfg.eval.top_p,
+                                 temperature=cfg.eval.temperature)
+            generated.extend(tokenizer.decode(row.tolist()) for row in ids)
+        bar.update(len(batch_samples))
+    bar.close()
+    if not kept:
+        raise ValueError(f"no evaluable images in split {split or cfg.data.test!r} of {cfg.data.root}: "
+                         f"{skips.summary()}")
+    img = torch.cat(image_embeds)
+    results: dict = {"num_images": len(kept)}
+    if "retrieval" in tasks:
+        texts, text_to_image = collect_captions(kept)
+        txt = embed_texts(model, tokenizer, texts, cfg.model.context_length, device, cfg.data.eval_batch_size)
+        results["retrieval"] = retrieval_metrics(img, txt, text_to_image.to(device))
+        results["retrieval"]["num_texts"] = len(texts)
+    if "caption" in tasks:
+        refs = {i: s.captions for i, s in enumerate(kept)}
+        preds = {i: c for i, c in enumerate(generated)}
+        results["caption"] = score_captions(refs, preds)
+        results["samples"] = [{"key": s.key, "references": s.captions, "generated": c}
+                              for s, c in zip(kept[:20], generated[:20])]
+    if "classify" in tasks:
+        labels = [s.label for s in kept]
+        if any(l is None for l in labels):
+            log.warning("classify: some samples have no label; skipping the task")
+        else:
+            classes = sorted(set(labels))
+            index = {c: i for i, c in enumerate(classes)}
+            cls_emb = build_class_embeddings(
+                lambda t: embed_texts(model, tokenizer, t, cfg.model.context_length, device),
+                classes, cfg.eval.templates)
+            results["classify"] = zero_shot_classify(img, cls_emb, torch.tensor([index[l] for l in labels],
+                                                                               device=device))
+            results["classify"]["num_classes"] = len(classes)
+    results["skipped"] = skips.to_dict()
+    model.train(was_training)
+    return results
+
+
+def format_results(results: dict) -> str:
+    """A plain-text table of the numeric results."""
+    lines = []
+    for task in TASKS:
+        if task not in results:
+            continue
+        lines.append(f"{task}")
+        for k, v in results[task].items():
+            if isinstance(v, float):
+                lines.append(f"  {k:<14} {v:8.2f}")
+            elif isinstance(v, int):
+                lines.append(f"  {k:<14} {v:8d}")
+            elif v is None:
+                lines.append(f"  {k:<14} {'n/a':>8}")
+        for note in results[task].get("notes", []):
+            lines.append(f"  note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,456 @@
+"""Atomic, verifiable training checkpoints.
+
+Layout::
+
+    run_dir/checkpoints/
+        latest                      # text file: "step_00001200\\n" (replaced atomically)
+        step_00001000/
+        step_00001200/
+            model.safetensors       # weights (tied / aliased tensors stored once, see below)
+            config.yaml             # resolved config (yaml.safe_dump)
+            state.pt                # optimizer, scheduler, RNG, loader position, step, extra
+            meta.json               # {"step", "files": {name: {"sha256", "bytes"}}}: written LAST
+
+Atomicity: files go to a hidden ``checkpoints/.tmp-<name>-<pid>-<rand>/``, are fsynced (files, then dir),
+and the dir is ``os.replace``-d into place; a crash leaves the complete new checkpoint or none (``.tmp-*``
+leftovers are never read and are removed by the next save). ``meta.json`` holds every file's sha256, so
+truncation or bit rot is detected later (:func:`verify_checkpoint`).
+
+``state.pt`` is read with ``torch.load(weights_only=True)``: on save, numpy values are converted (arrays ->
+tensors, scalars -> numbers) and anything else that is not a tensor / number / string / container is
+rejected with a TypeError naming where it sits. Tied weights (safetensors refuses shared memory) are
+stored once, the other names listed in the file's ``"aliases"`` metadata and restored on load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = ["CheckpointError", "save_checkpoint", "find_checkpoint", "load_checkpoint", "verify_checkpoint",
+           "load_config_from_checkpoint", "list_checkpoints", "get_rng_state", "set_rng_state"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+FILES = ("model.safetensors", "config.yaml", "state.pt")
+CKPT_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
+
+
+# ---------------------------------------------------------------- RNG
+
+def get_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU (and all CUDA devices if initialised) RNG states, weights_only-safe."""
+    np_state = np.random.get_state()   # ('MT19937', uint32[624], pos, has_gauss, cached_gaussian)
+    state: dict[str, Any] = {
+        "python": random.getstate(),   # (version, tuple of 625 ints, gauss_next)
+        "numpy": {"kind": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`get_rng_state`; missing entries are left alone."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        s = state["numpy"]
+        keys = s["keys"].detach().cpu().numpy() if isinstance(s["keys"], Tensor) else s["keys"]
+        keys = np.asarray(keys, dtype=np.uint32)
+        np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = [t.cpu() for t in state["cuda"]]
+        n = torch.cuda.device_count()
+        if len(cuda) != n:
+            log.warning("checkpoint holds CUDA RNG states for %d device(s), this machine has %d; "
+                        "restoring the first %d", len(cuda), n, min(n, len(cuda)))
+        for i, s in enumerate(cuda[:n]):
+            torch.cuda.set_rng_state(s, i)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / DataParallel (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _weights_only_safe(obj: Any, where: str) -> Any:
+    """Copy of ``obj`` that ``torch.load(weights_only=True)`` accepts, or TypeError naming ``where``."""
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.Size,
+                                       torch.device)):
+        return obj
+    if isinstance(obj, Tensor):
+        return obj.detach()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, _weights_only_safe(v, f"{where}[{k!r}]")) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: _weights_only_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        items = [_weights_only_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return type(obj)(items) if type(obj) in (list, tuple, set) else list(items)
+    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+                    f"torch.load(weights_only=True) cannot read; store plain numbers/strings/tensors/containers")
+
+
+def _dedup_state_dict(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Drop exact aliases (tied weights) and copy partial overlaps so safetensors accepts the dict."""
+    kept: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in sd.items():
+        t = t.detach()
+        if t.numel() == 0:
+            kept[name] = t.cpu().contiguous()
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        view = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in views:
+            aliases[name] = views[view]
+            continue
+        views[view] = name
+        if ptr in storages:
+            t = t.clone()              # overlaps another kept tensor's storage: store a private copy
+        storages.add(ptr)
+        t = t.cpu()
+        whole = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        kept[name] = t if whole else t.contiguous().clone()   # views of larger buffers: own copy
+    return kept, aliases
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file (errors propagate) or a directory (best effort: not possible on every OS)."""
+    is_dir = path.is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not is_dir:
+            raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _to_plain_dict(config: Any) -> dict:
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config)
+
+
+# ---------------------------------------------------------------- save
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, config_dict: Any,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    loader_state: Any = None, extra: dict | None = None, keep: int = 3) -> Path:
+    """Write ``run_dir/checkpoints/step_{step:08d}/`` atomically, update ``latest``, prune to ``keep``.
+
+    Args:
+        run_dir: the run directory (``checkpoints/`` is created inside it).
+        step: optimizer steps done so far.
+        model: module (DDP / torch.compile wrappers are unwrapped).
+        config_dict: resolved config (dict, dataclass or object with ``to_dict``), YAML-safe.
+        optimizer, scheduler: saved via their ``state_dict()`` when given.
+        loader_state: data loader position (anything weights_only-safe, numpy is converted).
+        extra: free-form weights_only-safe dict (metrics, tokenizer hash, ...).
+        keep: number of checkpoints kept (highest steps; the one just written is never deleted);
+            ``<= 0`` keeps all.
+    Returns:
+        Path of the new checkpoint directory.
+    """
+    step = int(step)
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = ckpt_root / name
+
+    # serialise everything that can fail on bad input before touching the disk
+    weights, aliases = _dedup_state_dict(_unwrap(model).state_dict())
+    config_text = yaml.safe_dump(_to_plain_dict(config_dict), sort_keys=False)
+    state = _weights_only_safe({
+        "format_version": FORMAT_VERSION, "step": step,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": get_rng_state(), "loader_state": loader_state, "extra": dict(extra or {}),
+    }, "state")
+
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(weights, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt", "finealign_step": str(step), "aliases": json.dumps(aliases)})
+        (tmp / "config.yaml").write_text(config_text)
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+        files = {}
+        for fname in FILES:
+            _fsync(tmp / fname)
+            files[fname] = {"sha256": _sha256(tmp / fname), "bytes": (tmp / fname).stat().st_size}
+        meta = {"format_version": FORMAT_VERSION, "step": step, "files": files,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__}
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+        if final.exists():              # re-saving a step: move the old one aside first
+            old = ckpt_root / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_text_atomic(ckpt_root / "latest", name + "\n")
+    _prune(ckpt_root, keep, protect=final)
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int, protect: Path) -> None:
+    for p in ckpt_root.iterdir():       # leftovers of crashed saves
+        if p.is_dir() and p.name.startswith((".tmp-", ".old-")) and f"-{os.getpid()}-" not in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+    if keep <= 0:
+        return
+    ckpts = list_checkpoints(ckpt_root)
+    others = [p for p in ckpts if p.name != protect.name]
+    for p in others[:max(0, len(others) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- find / verify
+
+def list_checkpoints(path: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories (``step_XXXXXXXX``) under a run dir or its ``checkpoints/``, oldest first."""
+    root = Path(path)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and CKPT_RE.match(p.name)),
+                  key=lambda p: int(p.name[5:]))
+
+
+def verify_checkpoint(ckpt: str | os.PathLike, files: tuple[str, ...] = FILES) -> dict:
+    """Check ``meta.json`` and size + sha256 of ``files``; returns meta or raises CheckpointError naming the file."""
+    ckpt = Path(ckpt)
+    meta_path = ckpt / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path} is missing: incomplete checkpoint (meta.json is written last)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        listed = meta["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path} is corrupt: {e}") from None
+    for fname in files:
+        path = ckpt / fname
+        if fname not in listed:
+            raise CheckpointError(f"{path} is not listed in {meta_path}")
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        size = path.stat().st_size
+        if size != listed[fname]["bytes"]:
+            raise CheckpointError(f"{path} is corrupt: {size} bytes, expected {listed[fname]['bytes']} (truncated?)")
+        if _sha256(path) != listed[fname]["sha256"]:
+            raise CheckpointError(f"{path} is corrupt: sha256 differs from {meta_path}")
+    return meta
+
+
+def _is_checkpoint_dir(p: Path) -> bool:
+    return p.is_dir() and ((p / "meta.json").exists() or (p / "model.safetensors").exists() or bool(CKPT_RE.match(p.name)))
+
+
+def find_checkpoint(path_or_run_dir: str | os.PathLike, which: str | int = "latest") -> Path:
+    """Resolve a checkpoint directory.
+
+    Args:
+        path_or_run_dir: a checkpoint dir (returned as is; :func:`load_checkpoint` verifies it), a run
+            dir, or a run's ``checkpoints/`` dir.
+        which: ``"latest"`` (the dir named in ``checkpoints/latest``; if that is missing or fails
+            :func:`verify_checkpoint`, a warning names the bad file and the newest *valid* checkpoint
+            is used instead), or a step (``1200``, ``"1200"``, ``"step_00001200"``), verified.
+    Raises:
+        CheckpointError naming the directory or the bad files when nothing valid is found.
+    """
+    p = Path(path_or_run_dir)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist")
+    if _is_checkpoint_dir(p) and not (p / "checkpoints").is_dir():
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    ckpts = list_checkpoints(root)
+
+    if str(which) != "latest":
+        m = re.fullmatch(r"(?:step_)?(\d+)", str(which))
+        if not m:
+            raise CheckpointError(f"which must be 'latest' or a step, got {which!r}")
+        target = root / f"step_{int(m.group(1)):08d}"
+        if not target.is_dir():
+            raise CheckpointError(f"{target} does not exist (have: {[c.name for c in ckpts]})")
+        verify_checkpoint(target)
+        return target
+
+    errors: list[str] = []
+    candidates = list(reversed(ckpts))               # newest first
+    latest_file = root / "latest"
+    if latest_file.is_file():
+        named = root / latest_file.read_text().strip()
+        if named.is_dir():
+            candidates = [named] + [c for c in candidates if c != named]
+        else:
+            log.warning("%s names %s, which does not exist; using the newest valid checkpoint", latest_file, named)
+    for i, c in enumerate(candidates):
+        try:
+            verify_checkpoint(c)
+        except CheckpointError as e:
+            log.warning("skipping invalid checkpoint: %s", e)
+            errors.append(str(e))
+            continue
+        if i > 0:
+            log.warning("falling back to checkpoint %s", c)
+        return c
+    if not errors:
+        raise CheckpointError(f"no checkpoint found in {root}")
+    raise CheckpointError(f"no valid checkpoint in {root}: " + "; ".join(errors))
+
+
+# ---------------------------------------------------------------- load
+
+def _load_weights(model: nn.Module, path: Path, map_location: Any) -> None:
+    device = str(torch.device(map_location)) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        sd = load_file(str(path), device=device)
+        with safe_open(str(path), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except Exception as e:                                  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from e
+    for alias, target in aliases.items():
+        sd[alias] = sd[target]
+    model = _unwrap(model)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        def fmt(names: list[str]) -> str:
+            return ", ".join(names[:20]) + (f" ... (+{len(names) - 20})" if len(names) > 20 else "")
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: "
+                              f"missing keys [{fmt(missing)}]; unexpected keys [{fmt(unexpected)}]")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:                               # shape mismatches
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {e}") from e
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    map_location: Any = "cpu", restore_rng: bool = False, verify: bool = True) -> dict[str, Any]:
+    """Load a checkpoint (dir, or run dir -> :func:`find_checkpoint` ``"latest"``) into the given objects.
+
+    Args:
+        model: weights are loaded strictly (missing / unexpected keys -> CheckpointError listing them).
+        optimizer, scheduler: restored from ``state.pt`` (CheckpointError if it holds none).
+        map_location: device for weights and optimizer tensors (``"cpu"``, ``"cuda:0"``, torch.device).
+        restore_rng: also restore Python / numpy / torch (/ CUDA) RNG states.
+        verify: check sha256 of every file against ``meta.json`` first.
+    Returns:
+        ``{"step": int, "config": dict, "loader_state": Any, "extra": dict, "path": Path}``.
+    """
+    given = Path(path)
+    ckpt = find_checkpoint(given)
+    if verify and ckpt == given:       # run dirs were already verified by find_checkpoint
+        verify_checkpoint(ckpt)
+    state_path = ckpt / "state.pt"
+    try:
+        state = torch.load(state_path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{state_path} is corrupt or unreadable: {e}") from e
+    config = load_config_from_checkpoint(ckpt, verify=False)
+    if model is not None:
+        _load_weights(model, ckpt / "model.safetensors", map_location)
+    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+        if obj is None:
+            continue
+        if state.get(key) is None:
+            raise CheckpointError(f"{state_path} holds no {key} state (saved without one)")
+        try:
+            obj.load_state_dict(state[key])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{state_path}: cannot restore {key}: {e}") from e
+    if restore_rng and state.get("rng"):
+        set_rng_state(state["rng"])
+    return {"step": int(state["step"]), "config": config, "loader_state": state.get("loader_state"),
+            "extra": state.get("extra") or {}, "path": ckpt}
+
+
+def load_config_from_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
+    """The resolved config dict stored with a checkpoint (dir or run dir -> latest valid)."""
+    ckpt = find_checkpoint(path)
+    cfg_path = ckpt / "config.yaml"
+    if verify:
+        verify_checkpoint(ckpt, files=("config.yaml",))
+    try:
+        data = yaml.safe_load(cfg_path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{cfg_path} is missing or corrupt: {e}") from e
+    return data or {}

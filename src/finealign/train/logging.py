@@ -1,0 +1,46 @@
+"""Run metrics: one JSON object per line in ``metrics.jsonl`` plus TensorBoard scalars (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger("finealign")
+
+
+class MetricLogger:
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._fh = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except Exception as e:  # tensorboard missing or broken: JSONL still works
+                log.warning("TensorBoard logging disabled: %s", e)
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        row = {"step": step, **{f"{prefix}/{k}": _num(v) for k, v in metrics.items()}}
+        self._fh.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _num(v):
+    return float(v) if isinstance(v, (int, float)) else v
+
+
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,228 @@
+"""The training loop: config -> run directory with metrics, checkpoints and the resolved config.
+
+One step = ``grad_accum`` micro-batches. "global" objectives (ITC) see every negative of the whole batch:
+features of the other micro-batches are computed once without gradient and cached, and each micro-batch's
+pass substitutes its own features (with gradient) into that cache, so summing the per-pass gradients of
+the full-batch loss gives exactly the full-batch gradient (open_clip's accumulation scheme). "local"
+objectives (IC, MIM, ...) are averaged over micro-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data.skips import SkipLog
+from ..models.factory import build_model
+from ..objectives import StepContext, build_objectives
+from ..types import Batch
+from . import checkpoint as ckpt
+from .logging import MetricLogger
+from .optim import build_optimizer, build_scheduler
+from .setup import build_tokenizer, build_train_loader, make_run_dir, pick_device
+
+log = logging.getLogger("finealign")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(tc.seed)
+        self.device = pick_device(tc.device)
+        self.run_dir = make_run_dir(cfg, resume)
+        self.skips = SkipLog(strict=cfg.data.strict)
+        self.tokenizer = build_tokenizer(cfg, self.run_dir, self.skips)
+        self.model = build_model(cfg.model, self.tokenizer.vocab_size).to(self.device)
+        self.objectives = build_objectives(cfg.objectives).to(self.device)
+        if not len(self.objectives):
+            raise ValueError("no objective has a non-zero weight: nothing to train")
+        params = list(self.model.named_parameters()) + [
+            (f"objectives.{n}", p) for n, p in self.objectives.named_parameters()]
+        self.optimizer = build_optimizer(params, tc)
+        self.scheduler = build_scheduler(self.optimizer, tc)
+        self.loader = build_train_loader(cfg, self.tokenizer, self.skips)
+        self.step = 0
+        if resume:
+            path = ckpt.find_checkpoint(self.run_dir if resume == "latest" else resume, "latest")
+            state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                         map_location=self.device, restore_rng=True)
+            self.step = int(state["step"])
+            if state.get("loader_state"):
+                self.loader.load_state_dict(state["loader_state"])
+            log.info("resumed from %s at step %d", path, self.step)
+        self.last_checkpoint: Path | None = None
+        self.metrics = MetricLogger(self.run_dir)
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ one optimizer step
+    def autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        accum = min(self.cfg.train.grad_accum, len(batch))
+        bounds = np.linspace(0, len(batch), accum + 1).astype(int)
+        micro = [batch.slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        gathered = sorted({g for o in self.objectives.values() if o.scope == "global" for g in o.gathers})
+        cache: dict[str, list[torch.Tensor]] = defaultdict(list)
+        if accum > 1 and gathered:
+            with torch.no_grad(), self.autocast():
+                for mb in micro:
+                    f = self.model(mb)
+                    for g in gathered:
+                        cache[g].append(_feature(f, g).detach())
+        out: dict[str, float] = defaultdict(float)
+        self.model.train()
+        for j, mb in enumerate(micro):
+            def gather(name, local, j=j):
+                if name not in cache:
+                    return local, 0
+                parts = list(cache[name])
+                parts[j] = local
+                return torch.cat(parts), sum(p.shape[0] for p in parts[:j])
+            ctx = StepContext(step=self.step, total_steps=self.cfg.train.steps, gather_fn=gather)
+            with self.autocast():
+                feats = self.model(mb)
+                total = 0.0
+                for name, obj in self.objectives.items():
+                    res = obj(feats, mb, ctx)
+                    loss = res["loss"]
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"step {self.step}: objective {name!r} produced a non-finite loss ({loss.item()}); "
+                            f"last good checkpoint: {self.last_checkpoint or 'none yet'}")
+                    share = 1.0 if obj.scope == "global" else 1.0 / accum
+                    total = total + obj.weight * share * loss
+                    for k, v in res.items():
+                        out[f"{name}/{k}"] += float(v.detach()) / accum
+            total.backward()
+        # per-objective losses are micro-batch means (a global loss has the same value in every pass)
+        out["loss"] = sum(obj.weight * out[f"{n}/loss"] for n, obj in self.objectives.items())
+        if self.cfg.train.clip_grad > 0:
+            gn = torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.train.clip_grad)
+            if not torch.isfinite(gn):
+                raise NonFiniteLossError(f"step {self.step}: gradient norm is not finite; "
+                                         f"last good checkpoint: {self.last_checkpoint or 'none yet'}")
+            out["grad_norm"] = float(gn)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        return dict(out)
+
+    def _params(self):
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    # ------------------------------------------------------------------ the loop
+    def save(self) -> Path:
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.run_dir, self.step, self.model, self.cfg.to_dict(), self.optimizer, self.scheduler,
+            loader_state=self.loader.state_dict(), extra={"tokenizer_json": self.tokenizer.to_str()},
+            keep=self.cfg.train.keep)
+        return self.last_checkpoint
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def train(self) -> Path:
+        tc = self.cfg.train
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for s in handlers:
+                signal.signal(s, self._on_signal)
+        except ValueError:  # not in the main thread
+            handlers = {}
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, desc="train",
+                   dynamic_ncols=True)
+        it = iter(self.loader)
+        epoch = self.loader.state_dict().get("epoch", 0)
+        t0, seen = time.perf_counter(), 0
+        try:
+            while self.step < tc.steps:
+                batch = next(it)
+                self.skips.update(batch.skipped)
+                if len(batch) == 0:
+                    continue
+                batch = batch.to(self.device, non_blocking=True)
+                metrics = self.train_step(batch)
+                self.step += 1
+                seen += len(batch)
+                ep = self.loader.state_dict().get("epoch", 0)
+                if ep != epoch:
+                    if self.skips.total:
+                        log.warning("epoch %d: %s", epoch, self.skips.summary())
+                    epoch = ep
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    dt = time.perf_counter() - t0
+                    metrics["samples_per_s"] = seen / max(dt, 1e-9)
+                    metrics["skipped"] = self.skips.total
+                    self.metrics.log(self.step, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}")
+                    t0, seen = time.perf_counter(), 0
+                bar.update(1)
+                if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                    self.save()
+                if tc.eval_every and self.step % tc.eval_every == 0:
+                    self.evaluate_val()
+                if self._stop_signal is not None:
+                    path = self.save()
+                    log.warning("received signal %d: saved %s and stopped at step %d",
+                                self._stop_signal, path, self.step)
+                    break
+            else:
+                if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
+                    self.save()
+        finally:
+            bar.close()
+            self.metrics.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        if self.skips.total:
+            log.warning("%s", self.skips.summary())
+        (self.run_dir / "skipped.yaml").write_text(yaml.safe_dump(self.skips.to_dict()))
+        return self.run_dir
+
+    def evaluate_val(self) -> dict:
+        from ..eval.runner import evaluate
+        res = evaluate(self.model, self.tokenizer, self.cfg, split=self.cfg.data.val, tasks=["retrieval"],
+                       device=self.device, progress=False)
+        self.metrics.log(self.step, res.get("retrieval", {}), prefix="val")
+        self.model.train()
+        return res
+
+
+def _feature(feats, name):
+    v = getattr(feats, name, None)
+    return v if v is not None else feats.extras[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config, resume: str | None = None, progress: bool = True) -> Path:
+    return Trainer(cfg, resume=resume, progress=progress).train()

@@ -1,0 +1,68 @@
+"""Building the pieces a run needs: run directory, device, tokenizer, training loader."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data.skips import SkipLog
+
+log = logging.getLogger("finealign")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+    return dev
+
+
+def make_run_dir(cfg: Config, resume: str | None) -> Path:
+    """``train.run_dir`` or ``runs/<recipe>-<timestamp>``; the resolved config is written there."""
+    if cfg.train.run_dir:
+        run_dir = Path(cfg.train.run_dir)
+    elif resume and resume != "latest":
+        p = Path(resume)
+        run_dir = p.parent.parent if p.parent.name == "checkpoints" else p
+    else:
+        if resume == "latest":
+            raise ValueError("--resume latest needs train.run_dir=DIR (the run to continue)")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{(cfg.recipe or 'run').replace('/', '-')}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.train.run_dir = str(run_dir)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir
+
+
+def build_tokenizer(cfg: Config, run_dir: Path, skips: SkipLog):
+    """Load ``tokenizer.path``, or the run's own tokenizer.json, or train a BPE on the training captions."""
+    from ..data.loader import build_source
+    from ..data.tokenizer import Tokenizer
+    own = run_dir / "tokenizer.json"
+    if cfg.tokenizer.path:
+        return Tokenizer.load(cfg.tokenizer.path)
+    if own.exists():
+        return Tokenizer.load(own)
+    samples = build_source(cfg.data, "train", SkipLog(strict=cfg.data.strict))
+
+    def captions():
+        for i, s in enumerate(samples):
+            yield from s.captions
+            if i >= 200_000:  # enough text for a BPE vocabulary; streaming sources may be endless
+                break
+    log.info("training a %d-token BPE tokenizer on the training captions", cfg.tokenizer.vocab_size)
+    tok = Tokenizer.train(captions(), vocab_size=cfg.tokenizer.vocab_size, lowercase=cfg.tokenizer.lowercase)
+    tok.save(own)
+    return tok
+
+
+def build_train_loader(cfg: Config, tokenizer, skips: SkipLog):
+    from ..data.loader import TrainLoader, build_source
+    samples = build_source(cfg.data, "train", skips)
+    return TrainLoader(samples, tokenizer, cfg.data, cfg.model.image_size, cfg.model.context_length)

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finealign.objectives import StepContext, build_objectives
+from finealign.objectives.caption import caption_loss
+from finealign.objectives.itc import contrastive_loss
+from finealign.types import Batch, Features
+
+
+def test_itc_equals_hand_computed():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    scale = torch.tensor(2.0)
+    # logits = 2 * [[0.6, 0], [0.8, 1]]
+    l = [[1.2, 0.0], [1.6, 2.0]]
+    i2t = (-(1.2 - math.log(math.exp(1.2) + 1)) - (2.0 - math.log(math.exp(1.6) + math.exp(2.0)))) / 2
+    t2i = (-(1.2 - math.log(math.exp(1.2) + math.exp(1.6))) - (2.0 - math.log(1 + math.exp(2.0)))) / 2
+    loss, acc = contrastive_loss(img, txt, scale)
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, abs=1e-6)
+    assert acc.item() == 1.0
+    assert l  # the matrix the numbers above were derived from
+
+
+def test_caption_loss_shifts_and_ignores_pads():
+    V = 5
+    text = torch.tensor([[1, 3, 2, 0]])          # BOS=1, token 3, EOS=2, PAD=0
+    mask = torch.tensor([[True, True, True, False]])
+    logits = torch.randn(1, 4, V)
+    # position 0 predicts 3, position 1 predicts EOS(2); position 2 would predict PAD -> ignored
+    expected = (F.cross_entropy(logits[0, 0:1], torch.tensor([3])) +
+                F.cross_entropy(logits[0, 1:2], torch.tensor([2]))) / 2
+    assert caption_loss(logits, text, mask).item() == pytest.approx(expected.item(), abs=1e-6)
+    # changing logits at the pad-predicting position does not change the loss
+    logits2 = logits.clone()
+    logits2[0, 2:] += 100
+    assert caption_loss(logits2, text, mask).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def _batch(B=4, T=6):
+    text = torch.randint(3, 10, (B, T))
+    text[:, 0] = 1
+    return Batch(images=torch.zeros(B, 3, 8, 8), text=text, text_mask=torch.ones(B, T, dtype=torch.bool),
+                 image_ids=torch.arange(B), item_ids=torch.arange(B), captions=[""] * B, keys=[""] * B)
+
+
+def test_build_objectives_weights_and_errors():
+    objs = build_objectives({"itc": {"weight": 1.0}, "ic": {"weight": 0.0}})
+    assert list(objs) == ["itc"]
+    with pytest.raises(ValueError, match="objectives.ic: bad options"):
+        build_objectives({"ic": {"weight": 1.0, "smoothing": 0.1}})
+    feats = Features(image_embed=F.normalize(torch.randn(4, 8), dim=-1),
+                     text_embed=F.normalize(torch.randn(4, 8), dim=-1), logit_scale=torch.tensor(10.0))
+    out = objs["itc"](feats, _batch(), StepContext())
+    assert set(out) >= {"loss", "acc"}
+    ic = build_objectives({"ic": {"weight": 2.0}})["ic"]
+    assert ic.weight == 2.0
+    with pytest.raises(ValueError, match="caption_logits.*decoder_layers"):
+        ic(feats, _batch(), StepContext())
+
+
+def test_itc_gather_sees_other_microbatches():
+    """Accumulation: the loss over cached + local features equals the full-batch loss."""
+    img = F.normalize(torch.randn(6, 8), dim=-1)
+    txt = F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(5.0)
+    full, _ = contrastive_loss(img, txt, scale)
+    cache = {"image_embed": [img[:3], img[3:]], "text_embed": [txt[:3], txt[3:]]}
+
+    def gather(name, local):
+        parts = list(cache[name]); parts[1] = local
+        return torch.cat(parts), 3
+    itc = build_objectives({"itc": {}})["itc"]
+    feats = Features(image_embed=img[3:], text_embed=txt[3:], logit_scale=scale)
+    out = itc(feats, _batch(3), StepContext(gather_fn=gather))
+    assert out["loss"].item() == pytest.approx(full.item(), abs=1e-6)
