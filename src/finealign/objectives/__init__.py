@@ -1,0 +1,3 @@
+"""Objectives, one per file, registered in ``finealign.registry.OBJECTIVES``."""
+from .base import Objective, StepContext, build_objectives  # noqa: F401
+from . import itc, caption  # noqa: F401  (registration)

@@ -1,0 +1,156 @@
+"""Training-step throughput and peak memory for a recipe at a model preset (synthetic batches).
+
+    python benchmarks/train_step.py --preset bench-tiny --recipe coca [--bf16] [--batch 64]
+    python benchmarks/train_step.py --preset bench-tiny --recipe coca --recipe sycoca   # side by side
+
+Each configuration runs in its own subprocess (clean peak-RSS numbers), alternating A/B for --rounds.
+If ``open_clip`` is importable, its CoCa built with the same shapes is timed in the same run and the
+ratio printed (open_clip does not install beside the CPU torch used in CI; see docs/performance.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _synthetic_batch(cfg, vocab, batch, gen):
+    import torch
+    from finealign.types import Batch
+    T = cfg.model.context_length
+    lengths = torch.randint(T // 2, T + 1, (batch,), generator=gen)
+    text = torch.randint(4, vocab, (batch, T), generator=gen)
+    text[:, 0] = 1
+    mask = torch.arange(T)[None] < lengths[:, None]
+    text = text.masked_fill(~mask, 0)
+    text[torch.arange(batch), lengths - 1] = 2
+    S = cfg.model.image_size
+    return Batch(images=torch.randn(batch, 3, S, S, generator=gen), text=text, text_mask=mask,
+                 image_ids=torch.arange(batch), item_ids=torch.arange(batch), captions=[""] * batch,
+                 keys=[""] * batch)
+
+
+def run_finealign(recipe, preset, batch, bf16, steps, warmup):
+    import torch
+    from finealign.config import load_config
+    from finealign.models.factory import build_model
+    from finealign.objectives import StepContext, build_objectives
+    from finealign.train.optim import build_optimizer
+    cfg = load_config(recipe, [f"model.preset={preset}", f"data.batch_size={batch}"])
+    vocab = cfg.model.vocab_size or 8192
+    model = build_model(cfg.model, vocab)
+    objectives = build_objectives(cfg.objectives)
+    opt = build_optimizer(list(model.named_parameters()), cfg.train)
+    gen = torch.Generator().manual_seed(0)
+    b = _synthetic_batch(cfg, vocab, batch, gen)
+    ctx = StepContext()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            feats = model(b)
+            loss = sum(o.weight * o(feats, b, ctx)["loss"] for o in objectives.values())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return _time(step, steps, warmup, batch)
+
+
+def run_open_clip(preset, batch, bf16, steps, warmup):
+    import open_clip  # noqa: F401  (only where it is installed)
+    import torch
+    from finealign.config import load_config
+    m = load_config("coca", [f"model.preset={preset}"]).model
+    model = open_clip.CoCa(
+        embed_dim=m.embed_dim,
+        multimodal_cfg=dict(width=m.text_width, context_length=m.context_length, vocab_size=m.vocab_size or 8192,
+                            layers=m.decoder_layers, heads=m.text_heads),
+        text_cfg=dict(width=m.text_width, context_length=m.context_length, vocab_size=m.vocab_size or 8192,
+                      layers=m.text_layers, heads=m.text_heads),
+        vision_cfg=dict(image_size=m.image_size, patch_size=m.patch_size, width=m.vision_width,
+                        layers=m.vision_layers, attentional_pool=True, attn_pooler_heads=m.vision_heads,
+                        attn_pooler_queries=m.caption_queries),
+    )
+    loss_fn = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, m.image_size, m.image_size, generator=gen)
+    text = torch.randint(4, m.vocab_size or 8192, (batch, m.context_length), generator=gen)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(images, text)
+            loss = loss_fn(**out, output_dict=False)
+            loss = sum(loss) if isinstance(loss, (tuple, list)) else loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return _time(step, steps, warmup, batch)
+
+
+def _time(step, steps, warmup, batch):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_s": med, "samples_per_s": batch / med, "peak_rss_mb": peak_mb}
+
+
+def _child(args):
+    if args.impl == "open_clip":
+        res = run_open_clip(args.preset, args.batch, args.bf16, args.steps, args.warmup)
+    else:
+        res = run_finealign(args.impl, args.preset, args.batch, args.bf16, args.steps, args.warmup)
+    print(json.dumps(res))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", action="append", help="recipe(s) to time (default: coca)")
+    ap.add_argument("--preset", default="bench-tiny")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating A/B rounds")
+    ap.add_argument("--impl", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.impl:
+        return _child(args)
+    impls = args.recipe or ["coca"]
+    try:
+        import open_clip  # noqa: F401
+        impls.append("open_clip")
+    except Exception:
+        print("(open_clip not importable: timing finealign only)")
+    results = {i: [] for i in impls}
+    for _ in range(args.rounds):
+        for impl in impls:
+            cmd = [sys.executable, __file__, "--impl", impl, "--preset", args.preset, "--batch", str(args.batch),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--bf16"] if args.bf16 else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"{impl} failed")
+            results[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    prec = "bf16" if args.bf16 else "fp32"
+    print(f"\npreset={args.preset} batch={args.batch} precision={prec} rounds={args.rounds} steps/round={args.steps}")
+    print(f"{'impl':<12} {'samples/s':>10} {'step ms':>9} {'peak RSS MB':>12} {'vs first':>9}")
+    base = None
+    for impl, rs in results.items():
+        sps = statistics.median(r["samples_per_s"] for r in rs)
+        base = base or sps
+        print(f"{impl:<12} {sps:10.1f} {1000 * args.batch / sps:9.1f} "
+              f"{max(r['peak_rss_mb'] for r in rs):12.0f} {sps / base:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

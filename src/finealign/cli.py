@@ -1,0 +1,236 @@
+"""``finealign <verb>``: data build, train, eval, caption, retrieve, quickstart, recipes.
+
+``main(argv)`` returns an exit code so tests can call it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("finealign")
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="dotted config overrides, e.g. train.steps=200 model.vision_width=256")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="finealign", description="Fine-grained vision-language alignment.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = sub.add_parser("data", help="build datasets")
+    dsub = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+    b = dsub.add_parser("build", help="build a dataset on disk (emoji)")
+    b.add_argument("name", choices=["emoji"], help="dataset to build")
+    b.add_argument("--out", default="data/emoji", help="output directory (default: data/emoji)")
+    b.add_argument("--font", default=None, help="colour emoji font (default: system Noto Color Emoji)")
+    b.add_argument("--size", type=int, default=64, help="image side in pixels")
+    b.add_argument("--seed", type=int, default=0, help="split seed")
+
+    p = sub.add_parser("train", help="train a recipe", description="Train RECIPE (a name in configs/ or a YAML path).")
+    p.add_argument("recipe", nargs="?", help="recipe name or YAML path (omit with --resume RUN_DIR)")
+    p.add_argument("--resume", default=None, help="'latest' (with train.run_dir=DIR), a run dir, or a checkpoint dir")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _overrides(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate CKPT (checkpoint or run dir).")
+    p.add_argument("checkpoint")
+    p.add_argument("--task", action="append", choices=["retrieval", "caption", "classify"],
+                   help="task(s) to run (repeatable; default: the recipe's eval.tasks)")
+    p.add_argument("--data", default=None, help="dataset root (default: the training config's data.root)")
+    p.add_argument("--source", default=None, help="data source (default: the training config's)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: data.test)")
+    p.add_argument("--out", default=None, help="write results JSON here (default: <ckpt>/eval_<split>.json)")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    _overrides(p)
+
+    p = sub.add_parser("caption", help="caption images with a trained captioner")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--decode", choices=["greedy", "beam", "top_p"], default=None)
+    p.add_argument("--num", type=int, default=1, help="captions per image (top_p sampling)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("retrieve", help="search images by text, or captions by image")
+    p.add_argument("checkpoint")
+    p.add_argument("--query", help="text query: rank the images of --images")
+    p.add_argument("--images", help="directory (or glob) of gallery images")
+    p.add_argument("--image", help="image query: rank the captions of --captions-from's split")
+    p.add_argument("--captions-from", default=None, help="dataset root whose test captions are ranked")
+    p.add_argument("-k", type=int, default=5)
+
+    p = sub.add_parser("quickstart", help="build emoji data, train CoCa (tiny) ~5 min on CPU, evaluate")
+    p.add_argument("--out", default=None, help="run directory (default: runs/quickstart-<time>)")
+    p.add_argument("--data", default="data/emoji", help="where the emoji dataset is (built if missing)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart recipe's)")
+    p.add_argument("--no-progress", action="store_true")
+    _overrides(p)
+
+    sub.add_parser("recipes", help="list bundled recipes")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(message)s")
+    from .config import ConfigError
+    try:
+        return VERBS[args.verb](args)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"finealign {args.verb}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------- verbs
+
+def cmd_data(args) -> int:
+    from .data.sources.emoji import build_emoji_dataset
+    stats = build_emoji_dataset(args.out, font=args.font, size=args.size, seed=args.seed)
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import ConfigError, load_config, merge, parse_overrides, from_dict
+    from .train.loop import train
+    import yaml
+    overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
+    if args.recipe:
+        cfg = load_config(args.recipe, overrides)
+    elif args.resume and args.resume != "latest":
+        run = Path(args.resume)
+        run = run.parent.parent if run.parent.name == "checkpoints" else run
+        raw = yaml.safe_load((run / "config.yaml").read_text())
+        cfg = from_dict(merge(raw, parse_overrides(overrides)))
+    else:
+        raise ConfigError("name a recipe (finealign recipes lists them) or --resume RUN_DIR")
+    run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .api import load
+    from .config import from_dict, merge, parse_overrides
+    from .eval.runner import evaluate, format_results
+    loaded = load(args.checkpoint)
+    extra = parse_overrides(args.overrides)
+    data = extra.setdefault("data", {})
+    if args.data:
+        data["root"] = args.data
+    if args.source:
+        data["source"] = args.source
+    if args.strict:
+        data["strict"] = True
+    cfg = from_dict(merge(loaded.config.to_dict(), extra))
+    split = args.split or cfg.data.test
+    res = evaluate(loaded.model, loaded.tokenizer, cfg, split=split, tasks=args.task,
+                   progress=not args.no_progress)
+    print(format_results(res))
+    out = Path(args.out) if args.out else loaded.path / f"eval_{Path(split).stem}.json"
+    out.write_text(json.dumps(res, indent=2, default=str))
+    print(f"results written to {out}")
+    return 0
+
+
+def _load_images(paths, size):
+    from PIL import Image
+    import torch
+    from .data.transforms import ImageTransform, to_rgb
+    tf = ImageTransform(size, train=False)
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.load()
+                out.append(tf(to_rgb(im)))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{p}: cannot read image ({e})") from None
+    return torch.stack(out)
+
+
+def cmd_caption(args) -> int:
+    import torch
+    from .api import load
+    loaded = load(args.checkpoint)
+    if getattr(loaded.model, "decoder", None) is None:
+        raise ValueError(f"{loaded.path}: this model has no caption decoder (trained with decoder_layers=0)")
+    cfg, tok = loaded.config, loaded.tokenizer
+    images = _load_images(args.images, cfg.model.image_size)
+    strategy = args.decode or cfg.eval.decode
+    gen = torch.Generator().manual_seed(args.seed)
+    for n in range(args.num):
+        ids = loaded.model.generate(images, tok.bos_id, tok.eos_id, tok.pad_id, strategy=strategy,
+                                    max_new_tokens=cfg.eval.max_new_tokens, beam_size=cfg.eval.beam_size,
+                                    top_p=cfg.eval.top_p, generator=gen)
+        for path, row in zip(args.images, ids):
+            print(f"{path}\t{tok.decode(row.tolist())}")
+    return 0
+
+
+def cmd_retrieve(args) -> int:
+    import torch
+    from .api import load
+    from .eval.runner import embed_texts
+    loaded = load(args.checkpoint)
+    cfg, model, tok = loaded.config, loaded.model, loaded.tokenizer
+    if args.query:
+        if not args.images:
+            raise ValueError("--query needs --images DIR (the gallery to search)")
+        root = Path(args.images)
+        paths = sorted(p for p in (root.iterdir() if root.is_dir() else Path().glob(args.images))
+                       if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        if not paths:
+            raise FileNotFoundError(f"no images found in {args.images}")
+        with torch.no_grad():
+            img = torch.cat([model.encode_image(_load_images(paths[i:i + 256], cfg.model.image_size))["embed"]
+                             for i in range(0, len(paths), 256)])
+            q = embed_texts(model, tok, [args.query], cfg.model.context_length, "cpu")
+        scores = (q @ img.t())[0]
+        for s, i in zip(*scores.topk(min(args.k, len(paths)))):
+            print(f"{s:.3f}\t{paths[i]}")
+        return 0
+    if args.image:
+        from .data.loader import build_source
+        from .data.skips import SkipLog
+        data = cfg.data
+        if args.captions_from:
+            data.root = args.captions_from
+        texts = sorted({c for s in build_source(data, data.test, SkipLog()) for c in s.captions})
+        with torch.no_grad():
+            img = model.encode_image(_load_images([args.image], cfg.model.image_size))["embed"]
+            txt = embed_texts(model, tok, texts, cfg.model.context_length, "cpu")
+        scores = (img @ txt.t())[0]
+        for s, i in zip(*scores.topk(min(args.k, len(texts)))):
+            print(f"{s:.3f}\t{texts[i]}")
+        return 0
+    raise ValueError("give --query TEXT --images DIR, or --image PATH")
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import quickstart
+    return quickstart(args)
+
+
+def cmd_recipes(args) -> int:
+    from .config import CONFIG_DIR
+    for p in sorted(CONFIG_DIR.rglob("*.yaml")):
+        first = p.read_text().splitlines()[0].lstrip("# ") if p.read_text() else ""
+        print(f"{str(p.relative_to(CONFIG_DIR))[:-5]:<32} {first}")
+    return 0
+
+
+VERBS = {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "caption": cmd_caption,
+         "retrieve": cmd_retrieve, "quickstart": cmd_quickstart, "recipes": cmd_recipes}
+
+if __name__ == "__main__":
+    sys.exit(main())
