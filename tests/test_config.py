@@ -4,7 +4,9 @@ from finealign.config import ConfigError, find_recipe, load_config, parse_overri
 
 
 def test_recipe_and_overrides_resolve():
-    cfg = load_config("coca", ["train.steps=200", "model.vision_width=256", "eval.tasks=[retrieval]"])
+    cfg = load_config("coca", ["train.steps=200", "model.vision_width=256", "eval.tasks=[retrieval]",
+                               "train.lr=2e-3"])
+    assert cfg.train.lr == 0.002
     assert cfg.train.steps == 200
     assert cfg.model.vision_width == 256
     assert cfg.model.patch_size == 4            # from the tiny preset

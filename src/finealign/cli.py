@@ -78,13 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # overrides may follow options (`eval CKPT --task retrieval eval.max_images=32`)
+    bad = [a for a in rest if "=" not in a or a.startswith("-") or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(message)s")
     from .config import ConfigError
+    from .train.checkpoint import CheckpointError
+    from .train.loop import NonFiniteLossError
     try:
         return VERBS[args.verb](args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, CheckpointError, NonFiniteLossError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"finealign {args.verb}: error: {msg}", file=sys.stderr)
         return 2

@@ -229,6 +229,11 @@ def _build(cls, data: dict[str, Any], where: str):
 def _coerce(v: Any, typ: Any, key: str) -> Any:
     if typ is float and isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
+    if typ is float and isinstance(v, str):  # YAML 1.1 reads "2e-3" as a string
+        try:
+            return float(v)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects a number, got {v!r}") from None
     if typ is int and isinstance(v, bool):
         raise ConfigError(f"config key '{key}' expects an integer, got {v!r}")
     if typ in (int, bool, str) and not isinstance(v, typ):

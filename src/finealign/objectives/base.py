@@ -26,7 +26,13 @@ class StepContext:
     step: int = 0
     total_steps: int = 1
     gather_fn: Callable[[str, Tensor], tuple[Tensor, int]] | None = None
+    micro_index: int = 0              # which micro-batch of the step this pass is
     state: dict = field(default_factory=dict)
+
+    def shared(self, t: Tensor) -> Tensor:
+        """A tensor a global loss uses identically in every micro-batch pass (e.g. the temperature):
+        its gradient is taken in the first pass only, so it is counted once per step."""
+        return t if self.micro_index == 0 else t.detach()
 
     def gather(self, name: str, local: Tensor) -> tuple[Tensor, int]:
         if self.gather_fn is None:

@@ -32,6 +32,6 @@ class ITC(Objective):
     def forward(self, feats: Features, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         img, _ = ctx.gather("image_embed", require(feats, "image_embed", "itc"))   # (B, E)
         txt, _ = ctx.gather("text_embed", require(feats, "text_embed", "itc"))     # (B, E)
-        scale = require(feats, "logit_scale", "itc")
+        scale = ctx.shared(require(feats, "logit_scale", "itc"))
         loss, acc = contrastive_loss(img, txt, scale)
         return {"loss": loss, "acc": acc.detach(), "logit_scale": scale.detach()}

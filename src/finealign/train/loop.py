@@ -102,7 +102,8 @@ class Trainer:
                 parts = list(cache[name])
                 parts[j] = local
                 return torch.cat(parts), sum(p.shape[0] for p in parts[:j])
-            ctx = StepContext(step=self.step, total_steps=self.cfg.train.steps, gather_fn=gather)
+            ctx = StepContext(step=self.step, total_steps=self.cfg.train.steps, gather_fn=gather,
+                              micro_index=j)
             with self.autocast():
                 feats = self.model(mb)
                 total = 0.0
@@ -146,8 +147,10 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
-    def train(self) -> Path:
+    def train(self, until: int | None = None) -> Path:
+        """Train to ``train.steps`` (or stop early at step ``until``, checkpointed, as if interrupted)."""
         tc = self.cfg.train
+        last = min(tc.steps, until) if until is not None else tc.steps
         handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for s in handlers:
@@ -160,7 +163,7 @@ class Trainer:
         epoch = self.loader.state_dict().get("epoch", 0)
         t0, seen = time.perf_counter(), 0
         try:
-            while self.step < tc.steps:
+            while self.step < last:
                 batch = next(it)
                 self.skips.update(batch.skipped)
                 if len(batch) == 0:

@@ -1,0 +1,90 @@
+"""The command line as a user runs it: every verb's --help, train/eval/caption/retrieve, clear errors."""
+import json
+
+import pytest
+from PIL import Image
+
+from finealign.cli import build_parser, main
+
+VERBS = ["data", "train", "eval", "caption", "retrieve", "quickstart", "recipes"]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_on_every_verb(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    assert "usage: finealign" in capsys.readouterr().out
+
+
+def test_parser_lists_all_verbs():
+    help_text = build_parser().format_help()
+    for verb in VERBS:
+        assert verb in help_text
+
+
+def test_bad_key_is_a_clear_error(capsys):
+    assert main(["train", "coca", "train.stpes=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.stpes'; did you mean 'train.steps'?" in err
+
+
+def test_unknown_recipe_is_a_clear_error(capsys):
+    assert main(["train", "cocoa"]) == 2
+    assert "no recipe 'cocoa'; did you mean 'coca'?" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    rc = main(["train", "coca", "data.source=shapes", "data.num_samples=128", "data.batch_size=16",
+               "train.steps=4", "train.ckpt_every=2", "train.log_every=1", f"train.run_dir={run}",
+               "--no-progress"])
+    assert rc == 0
+    return run
+
+
+def test_train_writes_run_dir(trained_run):
+    assert (trained_run / "config.yaml").exists()
+    assert (trained_run / "tokenizer.json").exists()
+    assert (trained_run / "tb").is_dir()
+    steps = [json.loads(l)["step"] for l in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    ckpts = sorted(p.name for p in (trained_run / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step_00000002", "step_00000004"]
+
+
+def test_eval_prints_table_and_writes_json(trained_run, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    assert main(["eval", str(trained_run), "--task", "retrieval", "--task", "classify", "--no-progress",
+                 "--out", str(out), "eval.max_images=32"]) == 0
+    text = capsys.readouterr().out
+    assert "t2i_r1" in text and "top1" in text
+    res = json.loads(out.read_text())
+    assert res["num_images"] == 32 and 0 <= res["retrieval"]["mean_recall"] <= 100
+
+
+def test_caption_and_retrieve(trained_run, tmp_path, capsys):
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for i, c in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (48, 48), c).save(gallery / f"{i}_{c}.png")
+    assert main(["caption", str(trained_run), str(gallery / "0_red.png"), "--decode", "greedy"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    path, caption = line.split("\t")
+    assert path.endswith("0_red.png") and isinstance(caption, str)
+    assert main(["retrieve", str(trained_run), "--query", "a red circle", "--images", str(gallery), "-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(".png" in l for l in lines)
+
+
+def test_caption_rejects_unreadable_image(trained_run, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["caption", str(trained_run), str(bad)]) == 2
+    assert "bad.png: cannot read image" in capsys.readouterr().err
+
+
+def test_eval_missing_checkpoint_is_clear(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
