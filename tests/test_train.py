@@ -1,5 +1,6 @@
 """Training end to end: learning, exact resume, exact accumulation, reload, non-finite stop."""
 import json
+import math
 
 import pytest
 import torch
@@ -108,3 +109,41 @@ def test_clip_learns_shapes_retrieval(tmp_path):
     print(json.dumps(r))
     assert r["t2i_r1"] >= 10 * chance, r
     assert r["i2t_r1"] >= 10 * chance, r
+
+
+def test_bad_images_are_skipped_counted_and_strict_names_file(tmp_path):
+    """A training epoch survives corrupt / missing / empty images and empty captions; strict stops on them."""
+    from PIL import Image
+    from finealign.data.skips import BadSampleError
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    rows = ["filepath,title"]
+    for i in range(40):
+        Image.new("RGB", (16, 16), (i * 6, 255 - i * 6, 90)).save(root / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,a colour patch number {i % 5}")
+    (root / "img" / "empty.png").write_bytes(b"")
+    (root / "img" / "junk.png").write_bytes(b"\x89PNG not really")
+    rows += ["img/empty.png,an empty file", "img/junk.png,a corrupt file", "img/missing.png,a missing file",
+             "img/3.png,", "too,many,fields,here"]
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    common = ["data.source=csv", f"data.root={root}", "data.batch_size=8", "data.augment=false",
+              "train.steps=15", "train.ckpt_every=0", "train.log_every=5"]
+    t = Trainer(load_config("clip", common + [f"train.run_dir={tmp_path / 'run'}"]), progress=False)
+    t.train()
+    assert t.step == 15                                      # 3 epochs of 5 batches
+    import yaml
+    skipped = yaml.safe_load((tmp_path / "run" / "skipped.yaml").read_text())
+    reasons = set(skipped["counts"])
+    assert {"empty file", "corrupt image", "missing file"} <= reasons, reasons
+    assert any("empty.png" in e for e in skipped["examples"]["empty file"])
+    assert any("train.csv:" in w for ws in skipped["examples"].values() for w in ws)   # bad rows: file:line
+    with pytest.raises(BadSampleError, match=r"train\.csv:\d+|\.png"):
+        Trainer(load_config("clip", common + ["data.strict=true", f"train.run_dir={tmp_path / 'strict'}"]),
+                progress=False).train()
+
+
+def test_bf16_autocast_step_is_finite(tmp_path):
+    t = Trainer(shapes_cfg("coca", tmp_path, "train.steps=2", "train.precision=bf16"), progress=False)
+    t.train()
+    rows = losses(tmp_path)
+    assert len(rows) == 2 and all(math.isfinite(v) for v in rows.values())

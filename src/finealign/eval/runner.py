@@ -82,8 +82,9 @@ def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Seq
         refs = {i: s.captions for i, s in enumerate(kept)}
         preds = {i: c for i, c in enumerate(generated)}
         results["caption"] = score_captions(refs, preds)
-        results["samples"] = [{"key": s.key, "references": s.captions, "generated": c}
-                              for s, c in zip(kept[:20], generated[:20])]
+        spread = sorted({round(i * (len(kept) - 1) / 19) for i in range(20)}) if len(kept) > 1 else [0]
+        results["samples"] = [{"key": kept[i].key, "references": kept[i].captions, "generated": generated[i]}
+                              for i in spread]
     if "classify" in tasks:
         labels = [s.label for s in kept]
         if any(l is None for l in labels):

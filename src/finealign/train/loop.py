@@ -162,10 +162,12 @@ class Trainer:
         it = iter(self.loader)
         epoch = self.loader.state_dict().get("epoch", 0)
         t0, seen = time.perf_counter(), 0
+        epoch_skips = SkipLog()
         try:
             while self.step < last:
                 batch = next(it)
                 self.skips.update(batch.skipped)
+                epoch_skips.update(batch.skipped)
                 if len(batch) == 0:
                     continue
                 batch = batch.to(self.device, non_blocking=True)
@@ -174,9 +176,9 @@ class Trainer:
                 seen += len(batch)
                 ep = self.loader.state_dict().get("epoch", 0)
                 if ep != epoch:
-                    if self.skips.total:
-                        log.warning("epoch %d: %s", epoch, self.skips.summary())
-                    epoch = ep
+                    if epoch_skips.total:
+                        log.warning("epoch %d: %s", epoch, epoch_skips.summary())
+                    epoch, epoch_skips = ep, SkipLog()
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     dt = time.perf_counter() - t0
                     metrics["samples_per_s"] = seen / max(dt, 1e-9)
@@ -203,7 +205,7 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         if self.skips.total:
-            log.warning("%s", self.skips.summary())
+            log.warning("whole run: %s", self.skips.summary())
         (self.run_dir / "skipped.yaml").write_text(yaml.safe_dump(self.skips.to_dict()))
         return self.run_dir
 
