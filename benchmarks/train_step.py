@@ -34,15 +34,17 @@ def _synthetic_batch(cfg, vocab, batch, gen):
                  keys=[""] * batch)
 
 
-def run_finealign(recipe, preset, batch, bf16, steps, warmup):
+def run_finealign(recipe, preset, batch, bf16, steps, warmup, overrides=()):
     import torch
     from finealign.config import load_config
     from finealign.models.factory import build_model
     from finealign.objectives import StepContext, build_objectives
+    from finealign.pipeline import Pipeline
     from finealign.train.optim import build_optimizer
-    cfg = load_config(recipe, [f"model.preset={preset}", f"data.batch_size={batch}"])
+    cfg = load_config(recipe, [f"model.preset={preset}", f"data.batch_size={batch}", *overrides])
     vocab = cfg.model.vocab_size or 8192
     model = build_model(cfg.model, vocab)
+    pipeline = Pipeline(model, cfg.masking)   # encode -> maskers -> heads, as the trainer runs it
     objectives = build_objectives(cfg.objectives)
     opt = build_optimizer(list(model.named_parameters()), cfg.train)
     gen = torch.Generator().manual_seed(0)
@@ -51,7 +53,7 @@ def run_finealign(recipe, preset, batch, bf16, steps, warmup):
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            feats = model(b)
+            feats = pipeline(b)
             loss = sum(o.weight * o(feats, b, ctx)["loss"] for o in objectives.values())
         loss.backward()
         opt.step()
@@ -108,7 +110,7 @@ def _child(args):
     if args.impl == "open_clip":
         res = run_open_clip(args.preset, args.batch, args.bf16, args.steps, args.warmup)
     else:
-        res = run_finealign(args.impl, args.preset, args.batch, args.bf16, args.steps, args.warmup)
+        res = run_finealign(args.impl, args.preset, args.batch, args.bf16, args.steps, args.warmup, args.set or ())
     print(json.dumps(res))
 
 
@@ -121,6 +123,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="alternating A/B rounds")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="config override for the finealign recipes (repeatable), e.g. model.mim_decoder_width=128")
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.impl:
@@ -136,13 +140,15 @@ def main():
         for impl in impls:
             cmd = [sys.executable, __file__, "--impl", impl, "--preset", args.preset, "--batch", str(args.batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--bf16"] if args.bf16 else [])
+            cmd += [f"--set={o}" for o in (args.set or []) if impl != "open_clip"]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"{impl} failed")
             results[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
     prec = "bf16" if args.bf16 else "fp32"
-    print(f"\npreset={args.preset} batch={args.batch} precision={prec} rounds={args.rounds} steps/round={args.steps}")
+    print(f"\npreset={args.preset} batch={args.batch} precision={prec} rounds={args.rounds} steps/round={args.steps}"
+          + (f" overrides={' '.join(args.set)}" if args.set else ""))
     print(f"{'impl':<12} {'samples/s':>10} {'step ms':>9} {'peak RSS MB':>12} {'vs first':>9}")
     base = None
     for impl, rs in results.items():

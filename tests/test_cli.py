@@ -6,7 +6,7 @@ from PIL import Image
 
 from finealign.cli import build_parser, main
 
-VERBS = ["data", "train", "eval", "caption", "retrieve", "quickstart", "recipes"]
+VERBS = ["data", "train", "eval", "caption", "retrieve", "quickstart", "ablate", "recipes"]
 
 
 @pytest.mark.parametrize("verb", VERBS)

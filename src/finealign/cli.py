@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _overrides(p)
 
+    from .ablate import add_ablate_parser
+    add_ablate_parser(sub)
+
     sub.add_parser("recipes", help="list bundled recipes")
     return ap
 
@@ -230,6 +233,11 @@ def cmd_quickstart(args) -> int:
     return quickstart(args)
 
 
+def cmd_ablate(args) -> int:
+    from .ablate import cmd_ablate as run
+    return run(args)
+
+
 def cmd_recipes(args) -> int:
     from .config import CONFIG_DIR
     for p in sorted(CONFIG_DIR.rglob("*.yaml")):
@@ -239,7 +247,8 @@ def cmd_recipes(args) -> int:
 
 
 VERBS = {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "caption": cmd_caption,
-         "retrieve": cmd_retrieve, "quickstart": cmd_quickstart, "recipes": cmd_recipes}
+         "retrieve": cmd_retrieve, "quickstart": cmd_quickstart, "ablate": cmd_ablate,
+         "recipes": cmd_recipes}
 
 if __name__ == "__main__":
     sys.exit(main())

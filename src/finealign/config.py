@@ -39,6 +39,10 @@ class ModelConfig:
     embed_dim: int = 128             # contrastive embedding size
     caption_queries: int = 32        # attentional-pooler queries the decoder attends to
     image_pool: str = "attn"         # attn: CoCa attentional pooler (1 contrastive query) | cls: CLIP cls token
+    mim_decoder_layers: int = 0      # image decoder blocks for masked image modeling; 0 = no image decoder
+    mim_decoder_width: int = 0       # image decoder width (0 = vision_width)
+    mim_decoder_heads: int = 0       # image decoder heads (0 = vision_heads)
+    mim_text: bool = True            # image decoder cross-attends to the text tokens (TG-MIM); false = plain MIM
     mlp_ratio: float = 4.0           # MLP hidden = ratio * width
     init_temperature: float = 0.07   # ITC temperature at init (logit scale = 1/τ, clamped to 100)
     grad_checkpointing: bool = False  # recompute block activations in backward
@@ -69,6 +73,14 @@ class TokenizerConfig:
     path: str = ""                   # tokenizer.json to load; "" = train a BPE on the training captions
     vocab_size: int = 2048           # target vocabulary when training a tokenizer
     lowercase: bool = True           # normalise captions to lower case
+
+
+@dataclass
+class MaskingConfig:
+    """Which patches each head sees. A masker spec is {type: random|attentive, mask_ratio: r, mask: most|least}."""
+    relevance: str = "max"           # patch-text relevance: max | mean of cosine over the real text tokens
+    ic: dict[str, Any] = field(default_factory=dict)   # caption path: masked patches are dropped ({} = all)
+    mim: dict[str, Any] = field(default_factory=dict)  # image decoder: masked patches are reconstructed
 
 
 @dataclass
@@ -115,6 +127,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
     # objective name -> {weight: float, **objective options}; weight 0 or absence switches it off
     objectives: dict[str, dict[str, Any]] = field(default_factory=lambda: {"itc": {"weight": 1.0}})
 
@@ -276,6 +289,21 @@ def validate(cfg: Config) -> None:
     if cfg.model.image_size % cfg.model.patch_size:
         raise ConfigError(f"model.image_size ({cfg.model.image_size}) must be a multiple of "
                           f"model.patch_size ({cfg.model.patch_size})")
+    from .masking import build_masker
+    for role in ("ic", "mim"):
+        spec = getattr(cfg.masking, role)
+        if spec:
+            try:
+                build_masker(spec)
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"masking.{role}: {e.args[0] if e.args else e}") from None
+    if cfg.masking.relevance not in ("max", "mean"):
+        raise ConfigError(f"masking.relevance must be max or mean, got {cfg.masking.relevance!r}")
+    if cfg.model.mim_decoder_layers > 0 and not cfg.masking.mim:
+        raise ConfigError("model.mim_decoder_layers > 0 needs a masker for it: set masking.mim "
+                          "(e.g. {type: random, mask_ratio: 0.5})")
+    if cfg.masking.mim and cfg.model.mim_decoder_layers == 0:
+        raise ConfigError("masking.mim is set but the model has no image decoder (model.mim_decoder_layers = 0)")
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise ConfigError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
 

@@ -77,6 +77,8 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
 class Masker:
     """Base class: holds the mask ratio; subclasses implement ``__call__(relevance, generator)``."""
 
+    uses_relevance = True   # whether the pipeline must compute patch-text relevance for this masker
+
     def __init__(self, mask_ratio: float = 0.5):
         mask_ratio = float(mask_ratio)
         if not 0.0 <= mask_ratio < 1.0:

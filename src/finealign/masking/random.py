@@ -16,6 +16,8 @@ class RandomMasker(Masker):
     Reproducible given a seeded ``generator``; the noise is drawn on the generator's device.
     """
 
+    uses_relevance = False
+
     def __init__(self, mask_ratio: float = 0.5):
         super().__init__(mask_ratio)
 

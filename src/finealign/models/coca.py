@@ -7,8 +7,13 @@
         (with a decoder and cls pooling, a separate pooler with Q queries gives the memory)
     text -> causal TextEncoder -> pooled cls (B, Dt) -> proj -> embed; tokens (B, T, Dt)
     decoder_layers > 0: MultimodalDecoder(tokens, memory) -> caption logits (B, T, V)
+    mim_decoder_layers > 0: ViT over the visible patches -> ImageDecoder(+ text) -> masked patches' pixels
 
-No losses here: ``forward`` returns ``Features`` for the objectives.
+Training runs in two stages so that maskers can sit between them (see finealign/pipeline.py):
+``encode(batch)`` -> Features (embeddings, patch and text tokens); maskers choose patches (e.g. from
+``patch_text_relevance``); ``heads(feats, batch, masks)`` adds caption logits (over the patches the "ic"
+mask keeps) and MIM predictions (for the patches the "mim" mask hides). ``forward`` = both, no masks.
+No losses here: objectives read the ``Features``.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from ..config import ModelConfig
 from ..types import Batch, Features
 from .decoder import MultimodalDecoder
 from .heads import AttentionalPooler
+from .image_decoder import ImageDecoder
 from .layers import init_weights
 from .text import TextEncoder
 from .vision import VisionTransformer
@@ -52,6 +58,13 @@ class ContrastiveCaptioner(nn.Module):
         self.image_proj = nn.Linear(Dt if cfg.image_pool == "attn" else Dv, E, bias=False)
         self.text_proj = nn.Linear(Dt, E, bias=False)
         self.decoder = MultimodalDecoder(cfg, vocab_size) if self.has_decoder else None
+        self.image_decoder = None
+        if cfg.mim_decoder_layers > 0:
+            self.image_decoder = ImageDecoder(
+                num_patches=self.visual.num_patches, encoder_width=Dv, width=cfg.mim_decoder_width or Dv,
+                layers=cfg.mim_decoder_layers, heads=cfg.mim_decoder_heads or cfg.vision_heads,
+                patch_dim=3 * cfg.patch_size ** 2, text_width=Dt if cfg.mim_text else None,
+                mlp_ratio=cfg.mlp_ratio, grad_checkpointing=cfg.grad_checkpointing)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
 
         self.apply(init_weights)
@@ -61,24 +74,39 @@ class ContrastiveCaptioner(nn.Module):
     def get_logit_scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
-    def encode_image(self, images: Tensor, return_attn: bool = False) -> dict[str, Tensor | None]:
+    def encode_image(self, images: Tensor, return_attn: bool = False, memory: bool = True
+                     ) -> dict[str, Tensor | None]:
         """images (B, 3, H, W) -> embed (B, E) unit-norm, cls (B, Dv), patches (B, N, Dv),
-        memory (B, Q, Dt) or None; with return_attn also attn (B, N): last-block cls->patch attention."""
+        memory (B, Q, Dt) or None (caption memory over all patches; skipped with memory=False);
+        with return_attn also attn (B, N): last-block cls->patch attention."""
         out = self.visual(images, return_attn=return_attn)
         cls, patches = out[0], out[1]
-        memory = None
         if self.image_pool == "attn":
-            pooled = self.pooler(patches)                                   # (B, 1[+Q], Dt)
-            img = pooled[:, 0]                                              # (B, Dt)
-            memory = pooled[:, 1:] if self.has_decoder else None            # (B, Q, Dt)
+            img = self.pooler(patches, queries=slice(0, 1))[:, 0]           # (B, Dt) contrastive query
         else:
             img = cls                                                       # (B, Dv)
-            memory = self.pooler(patches) if self.has_decoder else None     # (B, Q, Dt)
         res = {"embed": F.normalize(self.image_proj(img), dim=-1), "cls": cls, "patches": patches,
-               "memory": memory}
+               "memory": self.caption_memory(patches) if memory and self.has_decoder else None}
         if return_attn:
             res["attn"] = out[2]
         return res
+
+    def caption_memory(self, patches: Tensor) -> Tensor:
+        """Patch tokens (B, K, Dv) (all, or the ones a mask keeps) -> decoder memory (B, Q, Dt)."""
+        return self.pooler(patches, queries=slice(1, None) if self.image_pool == "attn" else slice(None))
+
+    def dense_image_embed(self, patches: Tensor) -> Tensor:
+        """Per-patch embeddings (B, N, E), unit-norm, in the contrastive space."""
+        x = self.pooler.dense(patches) if self.image_pool == "attn" else patches
+        return F.normalize(self.image_proj(x), dim=-1)
+
+    @torch.no_grad()
+    def patch_text_relevance(self, patches: Tensor, text_tokens: Tensor, text_mask: Tensor,
+                             reduce: str = "max") -> Tensor:
+        """Cosine relevance of each patch to the caption's real tokens, no gradient: (B, N)."""
+        from ..masking.attentive import patch_text_relevance
+        tok = F.normalize(self.text_proj(text_tokens), dim=-1)             # (B, T, E)
+        return patch_text_relevance(self.dense_image_embed(patches), tok, text_mask, reduce)
 
     def encode_text(self, text: Tensor, text_mask: Tensor | None = None) -> dict[str, Tensor]:
         """text (B, T) long, text_mask (B, T) bool -> embed (B, E) unit-norm, tokens (B, T, Dt)."""
@@ -91,12 +119,36 @@ class ContrastiveCaptioner(nn.Module):
             raise RuntimeError("this model has no caption decoder (model.decoder_layers = 0)")
         return self.decoder(text_tokens, memory)
 
-    def forward(self, batch: Batch) -> Features:
-        img = self.encode_image(batch.images)
+    def encode(self, batch: Batch) -> Features:
+        """Stage 1: both towers over the whole batch (no head that a mask could change)."""
+        img = self.encode_image(batch.images, memory=False)
         txt = self.encode_text(batch.text, batch.text_mask)
-        logits = self.caption_logits(img["memory"], txt["tokens"]) if self.has_decoder else None
         return Features(image_embed=img["embed"], text_embed=txt["embed"], logit_scale=self.get_logit_scale(),
-                        image_tokens=img["patches"], text_tokens=txt["tokens"], caption_logits=logits)
+                        image_tokens=img["patches"], text_tokens=txt["tokens"])
+
+    def heads(self, feats: Features, batch: Batch, masks: dict | None = None) -> Features:
+        """Stage 2: caption logits (patches kept by masks["ic"], else all) and MIM predictions for the
+        patches hidden by masks["mim"]. A mask has ``keep`` (B, K) and ``masked`` (B, M) indices."""
+        masks = masks or {}
+        if self.has_decoder:
+            patches = feats.image_tokens
+            if masks.get("ic") is not None:
+                keep = masks["ic"].keep
+                patches = patches.gather(1, keep[..., None].expand(-1, -1, patches.shape[-1]))  # (B, K, Dv)
+            feats.caption_logits = self.caption_logits(self.caption_memory(patches), feats.text_tokens)
+        if self.image_decoder is not None:
+            mim = masks.get("mim")
+            if mim is None:
+                raise ValueError("the image decoder needs masks['mim'] (configure masking.mim)")
+            _, visible = self.visual(batch.images, keep=mim.keep)                    # (B, K, Dv)
+            text = feats.text_tokens if self.cfg.mim_text else None
+            feats.extras["mim_pred"] = self.image_decoder(visible, mim.keep, mim.masked, text,
+                                                          batch.text_mask if text is not None else None)
+            feats.extras["mim_masked"] = mim.masked
+        return feats
+
+    def forward(self, batch: Batch, masks: dict | None = None) -> Features:
+        return self.heads(self.encode(batch), batch, masks)
 
     # ------------------------------------------------------------------ captioning
 

@@ -23,12 +23,21 @@ class AttentionalPooler(nn.Module):
         self.ln_out = nn.LayerNorm(dim_q)
         nn.init.normal_(self.query, std=0.02)
 
-    def forward(self, tokens: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """tokens (B, N, Dkv), key_mask (B, N) bool True = keep -> (B, n_queries, Dq)."""
+    def forward(self, tokens: Tensor, key_mask: Tensor | None = None, queries: slice = slice(None)) -> Tensor:
+        """tokens (B, N, Dkv), key_mask (B, N) bool True = keep -> (B, Q, Dq) for the selected ``queries``
+        (queries attend independently, so a subset gives exactly those rows of the full output)."""
         B = tokens.shape[0]
-        q = self.ln_q(self.query).expand(B, -1, -1)                         # (B, Q, Dq)
+        q = self.ln_q(self.query[queries]).expand(B, -1, -1)                # (B, Q, Dq)
         mask = None if key_mask is None else key_mask.bool()[:, None, None, :]  # (B, 1, 1, N)
         return self.ln_out(self.attn(q, context=self.ln_kv(tokens), mask=mask))
+
+
+    def dense(self, tokens: Tensor) -> Tensor:
+        """Per-token value path (B, N, Dkv) -> (B, N, Dq): what each token would contribute to a pooled
+        output if a query attended to it alone (MaskCLIP's trick for dense features of a pooled model)."""
+        D = self.query.shape[-1]
+        v = self.attn.kv(self.ln_kv(tokens))[..., D:]                      # (B, N, Dq) value half
+        return self.ln_out(self.attn.proj(v))
 
 
 class Projection(nn.Module):

@@ -39,15 +39,20 @@ class VisionTransformer(nn.Module):
         x = images.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p)
         return x.reshape(B, gh * gw, C * p * p)
 
-    def forward(self, images: Tensor, return_attn: bool = False):
+    def forward(self, images: Tensor, return_attn: bool = False, keep: Tensor | None = None):
         """images (B, 3, H, W) -> cls (B, D), patches (B, N, D) [, cls->patch attention (B, N)].
+
+        With ``keep`` (B, K) patch indices only those patches are encoded (MAE-style: masked patches never
+        enter the encoder) and ``patches`` is (B, K, D) in the order of ``keep``.
 
         The attention map is the last block's, from the cls query to the patch keys, renormalised over
         the patches (so it sums to 1) and averaged over heads.
         """
-        x = self.patch_embed(self.patchify(images))                        # (B, N, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)                    # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed                    # (B, 1+N, D)
+        x = self.patch_embed(self.patchify(images)) + self.pos_embed[:, 1:]  # (B, N, D)
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))   # (B, K, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)                                     # (B, 1+N, D)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         attn = None
         for i, blk in enumerate(self.blocks):

@@ -26,6 +26,7 @@ from ..config import Config
 from ..data.skips import SkipLog
 from ..models.factory import build_model
 from ..objectives import StepContext, build_objectives
+from ..pipeline import Pipeline
 from ..types import Batch
 from . import checkpoint as ckpt
 from .logging import MetricLogger
@@ -54,6 +55,7 @@ class Trainer:
         self.skips = SkipLog(strict=cfg.data.strict)
         self.tokenizer = build_tokenizer(cfg, self.run_dir, self.skips)
         self.model = build_model(cfg.model, self.tokenizer.vocab_size).to(self.device)
+        self.pipeline = Pipeline(self.model, cfg.masking)
         self.objectives = build_objectives(cfg.objectives).to(self.device)
         if not len(self.objectives):
             raise ValueError("no objective has a non-zero weight: nothing to train")
@@ -90,7 +92,7 @@ class Trainer:
         if accum > 1 and gathered:
             with torch.no_grad(), self.autocast():
                 for mb in micro:
-                    f = self.model(mb)
+                    f = self.model.encode(mb)
                     for g in gathered:
                         cache[g].append(_feature(f, g).detach())
         out: dict[str, float] = defaultdict(float)
@@ -105,7 +107,7 @@ class Trainer:
             ctx = StepContext(step=self.step, total_steps=self.cfg.train.steps, gather_fn=gather,
                               micro_index=j)
             with self.autocast():
-                feats = self.model(mb)
+                feats = self.pipeline(mb)
                 total = 0.0
                 for name, obj in self.objectives.items():
                     res = obj(feats, mb, ctx)

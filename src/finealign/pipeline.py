@@ -1,0 +1,38 @@
+"""One training forward: ``model.encode`` -> maskers -> ``model.heads``.
+
+The maskers sit between the model's two stages (ARCHITECTURE: Batch -> encode -> maskers -> heads ->
+objectives). Attentive maskers read the model's own patch-text relevance, computed without gradient
+from the encoded batch; random maskers draw from the global torch RNG, which checkpoints restore.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import MaskingConfig
+from .masking import build_masker
+from .types import Batch, Features
+
+ROLES = ("ic", "mim")
+
+
+class Pipeline:
+    def __init__(self, model: torch.nn.Module, masking: MaskingConfig | None = None):
+        self.model = model
+        masking = masking or MaskingConfig()
+        self.relevance_reduce = masking.relevance
+        self.maskers = {role: build_masker(getattr(masking, role)) for role in ROLES if getattr(masking, role)}
+        self.needs_relevance = any(getattr(m, "uses_relevance", True) for m in self.maskers.values())
+
+    def __call__(self, batch: Batch) -> Features:
+        feats = self.model.encode(batch)
+        if not self.maskers:
+            return self.model.heads(feats, batch)
+        patches = feats.image_tokens                                            # (B, N, Dv)
+        if self.needs_relevance:
+            rel = self.model.patch_text_relevance(patches, feats.text_tokens, batch.text_mask,
+                                                  self.relevance_reduce)        # (B, N), no grad
+        else:
+            rel = torch.zeros(patches.shape[:2], device=patches.device)
+        masks = {role: m(rel) for role, m in self.maskers.items()}
+        feats.extras["relevance"] = rel
+        return self.model.heads(feats, batch, masks)

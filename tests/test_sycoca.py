@@ -1,0 +1,111 @@
+"""SyCoCa wired end to end: attentive masks from the model's own relevance, IC on kept patches,
+MIM encoder sees only visible patches, TG-MIM loss falls while training."""
+import pytest
+import torch
+
+from finealign.config import load_config
+from finealign.masking import MaskIndices
+from finealign.models.factory import build_model
+from finealign.pipeline import Pipeline
+from finealign.train.logging import read_metrics
+from finealign.train.loop import Trainer
+from finealign.types import Batch
+
+
+def _batch(cfg, B=3, T=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(4, 50, (B, T), generator=g)
+    text[:, 0] = 1
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 5:] = False
+    text[0, 5:] = 0
+    S = cfg.model.image_size
+    return Batch(images=torch.randn(B, 3, S, S, generator=g), text=text, text_mask=mask,
+                 image_ids=torch.arange(B), item_ids=torch.arange(B), captions=[""] * B, keys=[""] * B)
+
+
+@pytest.fixture(scope="module")
+def sycoca():
+    cfg = load_config("sycoca")
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model, 64).eval()
+
+
+def test_attentive_masks_are_complementary_and_follow_relevance(sycoca):
+    cfg, model = sycoca
+    pipe = Pipeline(model, cfg.masking)
+    b = _batch(cfg)
+    feats = pipe(b)
+    rel = feats.extras["relevance"]                                    # (B, N)
+    N = model.visual.num_patches
+    assert rel.shape == (3, N) and not rel.requires_grad
+    masked = feats.extras["mim_masked"]                                # TG-MIM hides the most relevant half
+    assert masked.shape == (3, N // 2)
+    for r, m in zip(rel, masked):
+        top = set(r.argsort(descending=True)[: N // 2].tolist())
+        assert set(m.tolist()) == top
+    # IC keeps exactly what TG-MIM hides
+    ic = pipe.maskers["ic"](rel)
+    assert torch.equal(ic.keep, masked)
+    assert feats.extras["mim_pred"].shape == (3, N // 2, 3 * cfg.model.patch_size ** 2)
+
+
+def test_caption_uses_only_kept_patches(sycoca):
+    cfg, model = sycoca
+    b = _batch(cfg)
+    N = model.visual.num_patches
+    keep = torch.arange(0, N, 2).expand(3, -1)
+    ic = MaskIndices(keep=keep, masked=torch.arange(1, N, 2).expand(3, -1))
+    with torch.no_grad():
+        feats = model.encode(b)
+        base = model.heads(feats, b, {"ic": ic, "mim": ic}).caption_logits.clone()
+        tokens = feats.image_tokens.clone()
+        tokens[:, 1::2] += 5.0                                          # change only dropped patches
+        again = model.heads(feats.replace(image_tokens=tokens), b, {"ic": ic, "mim": ic}).caption_logits
+        assert torch.equal(base, again)
+        tokens[:, 0] += 5.0                                             # change a kept patch
+        changed = model.heads(feats.replace(image_tokens=tokens), b, {"ic": ic, "mim": ic}).caption_logits
+        assert not torch.allclose(base, changed)
+
+
+def test_mim_encoder_never_sees_masked_pixels(sycoca):
+    cfg, model = sycoca
+    b = _batch(cfg)
+    N, p = model.visual.num_patches, cfg.model.patch_size
+    mim = MaskIndices(keep=torch.arange(N // 2).expand(3, -1), masked=torch.arange(N // 2, N).expand(3, -1))
+    with torch.no_grad():
+        feats = model.encode(b)
+        pred = model.heads(feats, b, {"mim": mim}).extras["mim_pred"].clone()
+        img = b.images.clone()
+        img[:, :, -p:, :] += 3.0                                        # last patch row: all masked
+        b2 = Batch(**{**b.__dict__, "images": img})
+        pred2 = model.heads(feats, b2, {"mim": mim}).extras["mim_pred"]
+    assert torch.equal(pred, pred2)
+
+
+def test_pooler_query_subsets_equal_full_pooling(sycoca):
+    _, model = sycoca
+    x = torch.randn(2, model.visual.num_patches, model.cfg.vision_width)
+    full = model.pooler(x)
+    assert torch.allclose(torch.cat([model.pooler(x, queries=slice(0, 1)), model.caption_memory(x)], 1), full,
+                          atol=1e-6)
+
+
+def test_config_guards():
+    from finealign.config import ConfigError
+    with pytest.raises(ConfigError, match="needs a masker"):
+        load_config("coca", ["model.mim_decoder_layers=1"])
+    with pytest.raises(ConfigError, match="no image decoder"):
+        load_config("coca", ["masking.mim={type: random, mask_ratio: 0.5}"])
+    with pytest.raises(ConfigError, match="masking.ic.*did you mean 'attentive'"):
+        load_config("coca", ["masking.ic={type: attentiv}"])
+
+
+def test_sycoca_trains_on_shapes_and_tg_mim_loss_falls(tmp_path):
+    cfg = load_config("sycoca", ["data.source=shapes", "data.num_samples=512", "data.batch_size=32",
+                                 "train.steps=60", "train.lr=1e-3", "train.warmup=5", "train.log_every=1",
+                                 "train.ckpt_every=0", "train.threads=2", f"train.run_dir={tmp_path}"])
+    Trainer(cfg, progress=False).train()
+    mim = [r["train/tg_mim/loss"] for r in read_metrics(tmp_path)]
+    first, last = sum(mim[:10]) / 10, sum(mim[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
