@@ -34,7 +34,7 @@ def _synthetic_batch(cfg, vocab, batch, gen):
                  keys=[""] * batch)
 
 
-def run_finealign(recipe, preset, batch, bf16, steps, warmup, overrides=()):
+def run_finealign(recipe, preset, batch, bf16, steps, warmup, overrides=(), device="cpu"):
     import torch
     from finealign.config import load_config
     from finealign.models.factory import build_model
@@ -43,25 +43,25 @@ def run_finealign(recipe, preset, batch, bf16, steps, warmup, overrides=()):
     from finealign.train.optim import build_optimizer
     cfg = load_config(recipe, [f"model.preset={preset}", f"data.batch_size={batch}", *overrides])
     vocab = cfg.model.vocab_size or 8192
-    model = build_model(cfg.model, vocab)
+    model = build_model(cfg.model, vocab).to(device)
     pipeline = Pipeline(model, cfg.masking)   # encode -> maskers -> heads, as the trainer runs it
-    objectives = build_objectives(cfg.objectives)
+    objectives = build_objectives(cfg.objectives).to(device)
     opt = build_optimizer(list(model.named_parameters()), cfg.train)
     gen = torch.Generator().manual_seed(0)
-    b = _synthetic_batch(cfg, vocab, batch, gen)
+    b = _synthetic_batch(cfg, vocab, batch, gen).to(device)
     ctx = StepContext()
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             feats = pipeline(b)
             loss = sum(o.weight * o(feats, b, ctx)["loss"] for o in objectives.values())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return _time(step, steps, warmup, batch)
+    return _time(step, steps, warmup, batch, device)
 
 
-def run_open_clip(preset, batch, bf16, steps, warmup):
+def run_open_clip(preset, batch, bf16, steps, warmup, device="cpu"):
     import open_clip  # noqa: F401  (only where it is installed)
     import torch
     from finealign.config import load_config
@@ -71,46 +71,62 @@ def run_open_clip(preset, batch, bf16, steps, warmup):
         multimodal_cfg=dict(width=m.text_width, context_length=m.context_length, vocab_size=m.vocab_size or 8192,
                             layers=m.decoder_layers, heads=m.text_heads),
         text_cfg=dict(width=m.text_width, context_length=m.context_length, vocab_size=m.vocab_size or 8192,
-                      layers=m.text_layers, heads=m.text_heads),
+                      layers=m.text_layers, heads=m.text_heads, embed_cls=True, output_tokens=True),
+        # open_clip's CoCa pooler: 1 contrastive + N caption queries in one pooler, as finealign's
         vision_cfg=dict(image_size=m.image_size, patch_size=m.patch_size, width=m.vision_width,
-                        layers=m.vision_layers, attentional_pool=True, attn_pooler_heads=m.vision_heads,
-                        attn_pooler_queries=m.caption_queries),
-    )
+                        layers=m.vision_layers, attentional_pool=True, attn_pooler_heads=m.text_heads,
+                        attn_pooler_queries=m.caption_queries + 1, output_tokens=True),
+    ).to(device)
     loss_fn = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, m.image_size, m.image_size, generator=gen)
-    text = torch.randint(4, m.vocab_size or 8192, (batch, m.context_length), generator=gen)
+    images = torch.randn(batch, 3, m.image_size, m.image_size, generator=gen).to(device)
+    text = torch.randint(4, m.vocab_size or 8192, (batch, m.context_length), generator=gen).to(device)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             out = model(images, text)
             loss = loss_fn(**out, output_dict=False)
             loss = sum(loss) if isinstance(loss, (tuple, list)) else loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return _time(step, steps, warmup, batch)
+    return _time(step, steps, warmup, batch, device)
 
 
-def _time(step, steps, warmup, batch):
+def _time(step, steps, warmup, batch, device="cpu"):
+    """Median step time; FLOPs of one step (FlopCounterMode); peak memory = peak RSS on CPU, peak
+    allocated CUDA memory on GPU."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
     for _ in range(warmup):
         step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_s": med, "samples_per_s": batch / med, "peak_rss_mb": peak_mb}
+    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"step_s": med, "samples_per_s": batch / med, "peak_rss_mb": peak_mb, "gflop": flops / 1e9}
 
 
 def _child(args):
     if args.impl == "open_clip":
-        res = run_open_clip(args.preset, args.batch, args.bf16, args.steps, args.warmup)
+        res = run_open_clip(args.preset, args.batch, args.bf16, args.steps, args.warmup, args.device)
     else:
-        res = run_finealign(args.impl, args.preset, args.batch, args.bf16, args.steps, args.warmup, args.set or ())
+        res = run_finealign(args.impl, args.preset, args.batch, args.bf16, args.steps, args.warmup, args.set or (),
+                            args.device)
     print(json.dumps(res))
 
 
@@ -125,6 +141,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="alternating A/B rounds")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="config override for the finealign recipes (repeatable), e.g. model.mim_decoder_width=128")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: RSS on CPU, allocated on GPU)")
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.impl:
@@ -139,23 +156,29 @@ def main():
     for _ in range(args.rounds):
         for impl in impls:
             cmd = [sys.executable, __file__, "--impl", impl, "--preset", args.preset, "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--bf16"] if args.bf16 else [])
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device] + (["--bf16"] if args.bf16 else [])
             cmd += [f"--set={o}" for o in (args.set or []) if impl != "open_clip"]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
-                raise SystemExit(f"{impl} failed")
+                print(f"{impl} failed (left out of the table)", file=sys.stderr)
+                continue
             results[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
     prec = "bf16" if args.bf16 else "fp32"
-    print(f"\npreset={args.preset} batch={args.batch} precision={prec} rounds={args.rounds} steps/round={args.steps}"
+    print(f"\ndevice={args.device} preset={args.preset} batch={args.batch} precision={prec} rounds={args.rounds} steps/round={args.steps}"
           + (f" overrides={' '.join(args.set)}" if args.set else ""))
-    print(f"{'impl':<12} {'samples/s':>10} {'step ms':>9} {'peak RSS MB':>12} {'vs first':>9}")
+    print(f"{'impl':<16} {'samples/s':>10} {'step ms':>9} {'GFLOP/step':>11} {'TFLOP/s':>8} {'peak MB':>9} "
+          f"{'step time vs first':>19}")
     base = None
     for impl, rs in results.items():
+        if not rs:
+            continue
         sps = statistics.median(r["samples_per_s"] for r in rs)
-        base = base or sps
-        print(f"{impl:<12} {sps:10.1f} {1000 * args.batch / sps:9.1f} "
-              f"{max(r['peak_rss_mb'] for r in rs):12.0f} {sps / base:8.2f}x")
+        step_ms = 1000 * args.batch / sps
+        base = base or step_ms
+        gflop = rs[0]["gflop"]
+        print(f"{impl:<16} {sps:10.1f} {step_ms:9.1f} {gflop:11.1f} {gflop / step_ms:8.2f} "
+              f"{max(r['peak_rss_mb'] for r in rs):9.0f} {step_ms / base:18.2f}x")
 
 
 if __name__ == "__main__":

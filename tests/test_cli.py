@@ -6,7 +6,7 @@ from PIL import Image
 
 from finealign.cli import build_parser, main
 
-VERBS = ["data", "train", "eval", "caption", "retrieve", "quickstart", "ablate", "recipes"]
+VERBS = ["data", "train", "eval", "caption", "retrieve", "quickstart", "ablate", "viz", "recipes"]
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -88,3 +88,15 @@ def test_caption_rejects_unreadable_image(trained_run, tmp_path, capsys):
 def test_eval_missing_checkpoint_is_clear(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_viz_masks_writes_png(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "sycoca", "data.source=shapes", "data.num_samples=64", "data.batch_size=16",
+                 "train.steps=2", f"train.run_dir={run}", "--no-progress"]) == 0
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 64), "red").save(img)
+    out = tmp_path / "m.png"
+    assert main(["viz", "masks", str(run), "--image", str(img), "--text", "a red circle", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.size[0] > 3 * im.size[1]        # five panels side by side

@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _overrides(p)
 
+    p = sub.add_parser("viz", help="visualise masks")
+    vsub = p.add_subparsers(dest="viz_verb", metavar="WHAT", required=True)
+    v = vsub.add_parser("masks", help="relevance map, IC-kept and TG-MIM-masked patches, reconstruction")
+    v.add_argument("checkpoint")
+    v.add_argument("--image", required=True, help="image file")
+    v.add_argument("--text", required=True, help="caption the relevance is computed against")
+    v.add_argument("--out", default="masks.png", help="PNG to write (default: masks.png)")
+
     from .ablate import add_ablate_parser
     add_ablate_parser(sub)
 
@@ -233,6 +241,14 @@ def cmd_quickstart(args) -> int:
     return quickstart(args)
 
 
+def cmd_viz(args) -> int:
+    from .analysis.viz import save_mask_figure
+    from .api import load
+    out = save_mask_figure(load(args.checkpoint), args.image, args.text, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_ablate(args) -> int:
     from .ablate import cmd_ablate as run
     return run(args)
@@ -247,7 +263,7 @@ def cmd_recipes(args) -> int:
 
 
 VERBS = {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "caption": cmd_caption,
-         "retrieve": cmd_retrieve, "quickstart": cmd_quickstart, "ablate": cmd_ablate,
+         "retrieve": cmd_retrieve, "quickstart": cmd_quickstart, "ablate": cmd_ablate, "viz": cmd_viz,
          "recipes": cmd_recipes}
 
 if __name__ == "__main__":

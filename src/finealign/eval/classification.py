@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .retrieval import single_target_ranks
+
 __all__ = ["build_class_embeddings", "zero_shot_classify", "class_ranks"]
 
 
@@ -68,16 +70,7 @@ def class_ranks(image_embed: Tensor, class_embed: Tensor, labels: Tensor, chunk:
     n_cls = class_embed.shape[0]
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_cls):
         raise ValueError(f"labels must lie in [0, {n_cls}), got min {int(labels.min())}, max {int(labels.max())}")
-    img, cls = image_embed.float(), class_embed.float().to(image_embed.device)
-    ranks = torch.empty_like(labels)
-    for start in range(0, img.shape[0], chunk):
-        stop = min(start + chunk, img.shape[0])
-        logits = img[start:stop] @ cls.T                                        # (c, C)
-        target = labels[start:stop, None]                                       # (c, 1)
-        pos = logits.gather(1, target)                                          # (c, 1)
-        logits.scatter_(1, target, float("-inf"))                               # wrong classes only
-        ranks[start:stop] = (logits >= pos).sum(dim=1)
-    return ranks
+    return single_target_ranks(image_embed.float(), class_embed.float().to(image_embed.device), labels, chunk)
 
 
 def zero_shot_classify(image_embed: Tensor, class_embed: Tensor, labels: Tensor,

@@ -88,17 +88,23 @@ def retrieval_ranks(image_embed: Tensor, text_embed: Tensor, text_to_image: Tens
         i2t_ranks[start:stop] = (sims >= best).sum(dim=1)
         del sims, correct
 
-    # text -> image: rows are captions
-    t2i_ranks = torch.empty(n_txt, dtype=torch.long, device=img.device)
-    for start in range(0, n_txt, chunk):
-        stop = min(start + chunk, n_txt)
-        sims = txt[start:stop] @ img.T                                           # (c, I)
-        target = t2i[start:stop, None]                                           # (c, 1)
-        pos = sims.gather(1, target)                                             # (c, 1)
-        sims.scatter_(1, target, float("-inf"))                                  # wrong images only
-        t2i_ranks[start:stop] = (sims >= pos).sum(dim=1)
+    # text -> image: rows are captions, one correct image each
+    return i2t_ranks, single_target_ranks(txt, img, t2i, chunk)
+
+
+def single_target_ranks(queries: Tensor, keys: Tensor, target: Tensor, chunk: int = 1024) -> Tensor:
+    """queries (Q, E), keys (K, E), target (Q,) index of each query's one correct key ->
+    (Q,) long: how many wrong keys score >= the correct one (0 = top-1; ties count against)."""
+    ranks = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
+    for start in range(0, queries.shape[0], chunk):
+        stop = min(start + chunk, queries.shape[0])
+        sims = queries[start:stop] @ keys.T                                      # (c, K)
+        tgt = target[start:stop, None]                                           # (c, 1)
+        pos = sims.gather(1, tgt)                                                # (c, 1)
+        sims.scatter_(1, tgt, float("-inf"))                                     # wrong keys only
+        ranks[start:stop] = (sims >= pos).sum(dim=1)
         del sims
-    return i2t_ranks, t2i_ranks
+    return ranks
 
 
 def retrieval_metrics(image_embed: Tensor, text_embed: Tensor, text_to_image: Tensor,
