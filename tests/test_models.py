@@ -238,3 +238,16 @@ def test_cls_attention_sums_to_one():
     assert torch.allclose(attn.sum(-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(out["patches"], model.encode_image(images)["patches"], atol=1e-5)
     assert torch.allclose(model.visual.cls_attention(images), attn)
+
+
+def test_open_clip_decoder_layout_adds_one_mlp_per_layer_and_keeps_cache_exact():
+    fused = tiny_model(seed=0, decoder_layers=2)
+    oc = tiny_model(seed=0, decoder_layers=2, decoder_block="open_clip")
+    D, r = fused.cfg.text_width, fused.cfg.mlp_ratio
+    extra = 2 * (2 * D + (D * int(r * D) + int(r * D)) + (int(r * D) * D + D))   # ln_s + mlp_s per layer
+    assert count_parameters(oc) - count_parameters(fused) == extra
+    oc.eval()
+    images = make_batch(oc.cfg).images
+    kw = dict(strategy="greedy", max_new_tokens=6)
+    assert torch.equal(oc.generate(images, BOS, EOS, PAD, use_cache=True, **kw),
+                       oc.generate(images, BOS, EOS, PAD, use_cache=False, **kw))

@@ -34,6 +34,7 @@ class ModelConfig:
     text_layers: int = 3             # unimodal (causal) text encoder blocks
     text_heads: int = 4              # text attention heads
     decoder_layers: int = 2          # multimodal caption decoder blocks; 0 = no decoder (CLIP)
+    decoder_block: str = "fused"     # fused: self-attn, cross-attn, MLP | open_clip: + an MLP after self-attn
     context_length: int = 32         # max tokens per caption incl. BOS/EOS
     vocab_size: int = 0              # 0 = taken from the tokenizer
     embed_dim: int = 128             # contrastive embedding size

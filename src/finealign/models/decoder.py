@@ -15,7 +15,10 @@ class MultimodalDecoder(nn.Module):
         super().__init__()
         D = cfg.text_width
         self.grad_checkpointing = cfg.grad_checkpointing
-        self.blocks = nn.ModuleList([Block(D, cfg.text_heads, cfg.mlp_ratio, cross_dim=D)
+        if cfg.decoder_block not in ("fused", "open_clip"):
+            raise ValueError(f"model.decoder_block must be 'fused' or 'open_clip', got {cfg.decoder_block!r}")
+        self.blocks = nn.ModuleList([Block(D, cfg.text_heads, cfg.mlp_ratio, cross_dim=D,
+                                           self_mlp=cfg.decoder_block == "open_clip")
                                      for _ in range(cfg.decoder_layers)])
         self.ln_final = nn.LayerNorm(D)
         self.lm_head = nn.Linear(D, vocab_size)

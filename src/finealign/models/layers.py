@@ -138,12 +138,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + SelfAttn(LN x) [+ CrossAttn(LN x, LN memory)] + MLP(LN x)."""
+    """Pre-LN transformer block: x + SelfAttn(LN x) [+ MLP_s(LN x)] [+ CrossAttn(LN x, LN memory)] + MLP(LN x)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, cross_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, cross_dim: int | None = None,
+                 self_mlp: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
+        self.self_mlp = self_mlp   # an extra MLP between self- and cross-attention (open_clip's CoCa layout)
+        if self_mlp:
+            self.ln_s = nn.LayerNorm(dim)
+            self.mlp_s = MLP(dim, mlp_ratio)
         self.has_cross = cross_dim is not None
         if self.has_cross:
             self.ln_x = nn.LayerNorm(dim)
@@ -160,6 +165,8 @@ class Block(nn.Module):
         if need_weights:
             a, weights = a
         x = x + a
+        if self.self_mlp:
+            x = x + self.mlp_s(self.ln_s(x))
         if self.has_cross:
             ctx = None if (cross_cache is not None and cross_cache.filled) else self.ln_kv(context)
             x = x + self.cross_attn(self.ln_x(x), context=ctx, cache=cross_cache)
