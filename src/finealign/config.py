@@ -61,6 +61,9 @@ class DataConfig:
     separator: str = ""              # csv/tsv delimiter ("" = source default)
     num_samples: int = 0             # procedural sources: samples per split (0 = source default)
     fraction: float = 1.0            # use this fraction of the training split (data-efficiency studies)
+    sampler: str = "random"          # random | grouped: each batch from a few groups (data.group_by), hard
+                                     # negatives, never two samples of one item (several views, one text)
+    group_by: str = "category"       # grouped sampler: Sample field that defines groups (category, label, item_id)
     batch_size: int = 64             # global training batch (split into micro-batches by train.grad_accum)
     eval_batch_size: int = 128       # batch size for evaluation / embedding
     workers: int = 0                 # DataLoader worker processes
@@ -305,6 +308,8 @@ def validate(cfg: Config) -> None:
                           "(e.g. {type: random, mask_ratio: 0.5})")
     if cfg.masking.mim and cfg.model.mim_decoder_layers == 0:
         raise ConfigError("masking.mim is set but the model has no image decoder (model.mim_decoder_layers = 0)")
+    if cfg.data.sampler not in ("random", "grouped"):
+        raise ConfigError(f"data.sampler must be random or grouped, got {cfg.data.sampler!r}")
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise ConfigError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
 

@@ -185,6 +185,31 @@ class _EpochBatchSampler:
             yield [(self.epoch, i) for i in perm[b * B:(b + 1) * B]]
 
 
+class _Resumable:
+    """A ``data.samplers`` batch sampler behind the loader's ``epoch`` / ``start`` interface."""
+
+    def __init__(self, dataset: "PairDataset", cfg: DataConfig):
+        from .samplers import GroupedBatchSampler, pair_metadata
+        groups, items = pair_metadata(dataset, cfg.group_by)
+        self.inner = GroupedBatchSampler(groups, items, int(cfg.batch_size), seed=int(cfg.seed),
+                                         epoch_tuples=True)
+        self.epoch, self.start = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.inner)
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.start, 0)
+
+    def __iter__(self):
+        self.inner.load_state_dict({"epoch": self.epoch, "position": self.start})
+        for b, batch in enumerate(self.inner, start=self.start):
+            if b >= len(self.inner):
+                return
+            yield batch
+
+
 def _shuffled(stream: Iterable, rnd: random.Random, size: int) -> Iterator:
     """Shuffle buffer; ``Skipped`` markers pass straight through."""
     buf: list = []
@@ -278,7 +303,10 @@ class TrainLoader:
             if len(self.dataset) < self.batch_size:
                 raise ValueError(f"training split has {len(self.dataset)} (image, caption) pairs, "
                                  f"fewer than data.batch_size={self.batch_size}")
-            self._sampler = _EpochBatchSampler(len(self.dataset), self.batch_size, self.seed)
+            if cfg.sampler == "grouped":
+                self._sampler = _Resumable(self.dataset, cfg)
+            else:
+                self._sampler = _EpochBatchSampler(len(self.dataset), self.batch_size, self.seed)
             self._dl = DataLoader(self.dataset, batch_sampler=self._sampler, collate_fn=collate_items,
                                   num_workers=self.workers, persistent_workers=self.workers > 0)
         else:
@@ -291,7 +319,10 @@ class TrainLoader:
     @property
     def batches_per_epoch(self) -> int | None:
         """Batches in one epoch (None for streaming sources, where it is unknown)."""
-        return len(self.dataset) // self.batch_size if self.map_style else None
+        if not self.map_style:
+            return None
+        return self._sampler.batches_per_epoch if isinstance(self._sampler, _Resumable) \
+            else len(self.dataset) // self.batch_size
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
