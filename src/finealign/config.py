@@ -25,6 +25,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"             # architecture preset in models/presets/ (tiny, small, base, bench-tiny)
+    arch: str = "coca"               # coca: dual encoder (+ caption / image decoders): CLIP, CoCa, SyCoCa
+                                     # fusion: ALBEF-style text encoder + fusion encoder (ITM, MLM heads)
+    fusion_layers: int = 2           # fusion arch: text->image cross-attention layers
     image_size: int = 32             # input resolution (square)
     patch_size: int = 4              # ViT patch side; grid = image_size // patch_size
     vision_width: int = 128          # ViT token width
@@ -84,6 +87,7 @@ class MaskingConfig:
     """Which patches each head sees. A masker spec is {type: random|attentive, mask_ratio: r, mask: most|least}."""
     relevance: str = "max"           # patch-text relevance: max | mean of cosine over the real text tokens
     ic: dict[str, Any] = field(default_factory=dict)   # caption path: masked patches are dropped ({} = all)
+    mlm: dict[str, Any] = field(default_factory=dict)  # words masked for MLM: {prob: 0.15} (BERT 80/10/10)
     mim: dict[str, Any] = field(default_factory=dict)  # image decoder: masked patches are reconstructed
 
 
@@ -301,6 +305,11 @@ def validate(cfg: Config) -> None:
                 build_masker(spec)
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"masking.{role}: {e.args[0] if e.args else e}") from None
+    if cfg.model.arch not in ("coca", "fusion"):
+        raise ConfigError(f"model.arch must be coca or fusion, got {cfg.model.arch!r}")
+    unknown = set(cfg.masking.mlm) - {"prob"}
+    if unknown:
+        raise ConfigError(f"masking.mlm: unknown option(s) {sorted(unknown)}; valid: ['prob']")
     if cfg.masking.relevance not in ("max", "mean"):
         raise ConfigError(f"masking.relevance must be max or mean, got {cfg.masking.relevance!r}")
     if cfg.model.mim_decoder_layers > 0 and not cfg.masking.mim:

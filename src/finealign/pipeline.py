@@ -16,17 +16,35 @@ ROLES = ("ic", "mim")
 
 
 class Pipeline:
-    def __init__(self, model: torch.nn.Module, masking: MaskingConfig | None = None):
+    """``needs``: the features the active objectives read (heads of switched-off objectives are skipped);
+    ``tokenizer``: needed for word masking (``masking.mlm``)."""
+
+    def __init__(self, model: torch.nn.Module, masking: MaskingConfig | None = None, tokenizer=None,
+                 needs: set[str] | None = None):
         self.model = model
         masking = masking or MaskingConfig()
         self.relevance_reduce = masking.relevance
         self.maskers = {role: build_masker(getattr(masking, role)) for role in ROLES if getattr(masking, role)}
         self.needs_relevance = any(getattr(m, "uses_relevance", True) for m in self.maskers.values())
+        self.needs = needs
+        self.mlm = dict(masking.mlm)
+        if self.mlm and tokenizer is None:
+            raise ValueError("masking.mlm needs the tokenizer (mask id, special ids)")
+        self.tokenizer = tokenizer
+
+    def _word_masks(self, batch: Batch) -> dict:
+        if not self.mlm:
+            return {}
+        from .masking.text import mask_tokens
+        tok = self.tokenizer
+        return {"mlm": mask_tokens(batch.text, batch.text_mask, prob=float(self.mlm.get("prob", 0.15)),
+                                   mask_id=tok.mask_id, vocab_size=tok.vocab_size, special_ids=tok.special_ids)}
 
     def __call__(self, batch: Batch) -> Features:
         feats = self.model.encode(batch)
+        words = self._word_masks(batch)
         if not self.maskers:
-            return self.model.heads(feats, batch)
+            return self.model.heads(feats, batch, words, needs=self.needs)
         patches = feats.image_tokens                                            # (B, N, Dv)
         if self.needs_relevance:
             rel = self.model.patch_text_relevance(patches, feats.text_tokens, batch.text_mask,
@@ -35,4 +53,4 @@ class Pipeline:
             rel = torch.zeros(patches.shape[:2], device=patches.device)
         masks = {role: m(rel) for role, m in self.maskers.items()}
         feats.extras["relevance"] = rel
-        return self.model.heads(feats, batch, masks)
+        return self.model.heads(feats, batch, {**masks, **words}, needs=self.needs)

@@ -1,7 +1,7 @@
 """Caption tokenizer: a thin wrapper around a HuggingFace ``tokenizers.Tokenizer``.
 
 * ``Tokenizer.train(texts, vocab_size, lowercase)`` trains a byte-level BPE with the special
-  tokens ``<pad>`` (id 0), ``<bos>``, ``<eos>``, ``<unk>``.
+  tokens ``<pad>`` (id 0), ``<bos>``, ``<eos>``, ``<unk>``, ``<mask>`` (masked language modelling).
 * ``Tokenizer.load(path)`` reads any ``tokenizer.json`` and finds pad/bos/eos among common names.
 * ``encode_batch(texts, T)`` -> ``(ids (B, T) long, mask (B, T) bool)`` laid out as
   ``[BOS, tok..., EOS, PAD...]``; on truncation the EOS stays as the last real token.
@@ -20,7 +20,8 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from tokenizers import Tokenizer as HFTokenizer
 from torch import Tensor
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
+MASK_NAMES = ("<mask>", "[MASK]", "<unk>", "[UNK]")
 
 # candidate names, most specific first
 PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|endoftext|>")
@@ -49,7 +50,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True,
               min_frequency: int = 1) -> "Tokenizer":
-        """Train a byte-level BPE on ``texts``. Specials: <pad>=0, <bos>=1, <eos>=2, <unk>=3.
+        """Train a byte-level BPE on ``texts``. Specials: <pad>=0, <bos>=1, <eos>=2, <unk>=3, <mask>=4.
 
         The vocabulary always contains the 256 byte symbols, so the effective size is at least
         260 even if ``vocab_size`` is smaller; it may also be smaller than ``vocab_size`` when the
@@ -123,6 +124,19 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         return self._eos
+
+    @property
+    def mask_id(self) -> int:
+        """Id used to mask words (MLM): <mask>/[MASK], else the unknown token."""
+        for name in MASK_NAMES:
+            tid = self.hf.token_to_id(name)
+            if tid is not None:
+                return int(tid)
+        raise ValueError(f"tokenizer {self.source} has no mask or unknown token for masked language modelling")
+
+    @property
+    def special_ids(self) -> list[int]:
+        return sorted(self._special)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, pad={self.pad_id}, bos={self.bos_id}, "

@@ -126,9 +126,11 @@ class ContrastiveCaptioner(nn.Module):
         return Features(image_embed=img["embed"], text_embed=txt["embed"], logit_scale=self.get_logit_scale(),
                         image_tokens=img["patches"], text_tokens=txt["tokens"])
 
-    def heads(self, feats: Features, batch: Batch, masks: dict | None = None) -> Features:
+    def heads(self, feats: Features, batch: Batch, masks: dict | None = None, needs: set | None = None
+              ) -> Features:
         """Stage 2: caption logits (patches kept by masks["ic"], else all) and MIM predictions for the
-        patches hidden by masks["mim"]. A mask has ``keep`` (B, K) and ``masked`` (B, M) indices."""
+        patches hidden by masks["mim"]. A mask has ``keep`` (B, K) and ``masked`` (B, M) indices.
+        (Every head this model has is computed; ``needs`` is accepted for the pipeline's interface.)"""
         masks = masks or {}
         if self.has_decoder:
             patches = feats.image_tokens

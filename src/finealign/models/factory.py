@@ -1,4 +1,4 @@
-"""Build a ``ContrastiveCaptioner`` from a ``ModelConfig``, checking the shapes first."""
+"""Build a model from a ``ModelConfig`` (``model.arch`` picks the family), checking the shapes first."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -24,10 +24,14 @@ def validate_model_config(cfg: ModelConfig, vocab_size: int) -> None:
         raise ConfigError("invalid model config: " + "; ".join(errors))
 
 
-def build_model(cfg: ModelConfig, vocab_size: int = 0) -> ContrastiveCaptioner:
-    """``cfg.vocab_size`` wins when > 0, else the tokenizer's ``vocab_size``."""
+def build_model(cfg: ModelConfig, vocab_size: int = 0) -> nn.Module:
+    """``model.arch``: coca -> ContrastiveCaptioner (CLIP / CoCa / SyCoCa), fusion -> FusionModel (ALBEF).
+    ``cfg.vocab_size`` wins when > 0, else the tokenizer's ``vocab_size``."""
     vocab = cfg.vocab_size if cfg.vocab_size > 0 else vocab_size
     validate_model_config(cfg, vocab)
+    if cfg.arch == "fusion":
+        from .albef import FusionModel
+        return FusionModel(cfg, vocab)
     return ContrastiveCaptioner(cfg, vocab)
 
 

@@ -27,6 +27,7 @@ class TextEncoder(nn.Module):
         self.width = D
         self.context_length = cfg.context_length
         self.grad_checkpointing = cfg.grad_checkpointing
+        self.causal = cfg.arch != "fusion"   # the fusion family uses a bidirectional (BERT-style) encoder
         self.tok_embed = nn.Embedding(vocab_size, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.context_length, D))
         self.cls_emb = nn.Parameter(torch.zeros(1, 1, D))
@@ -46,6 +47,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, text: Tensor, text_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """text (B, T) long, text_mask (B, T) bool (True on real tokens) -> pooled (B, D), tokens (B, T, D)."""
+        if not self.causal:
+            return self._forward_bidirectional(text, text_mask)
         B, T = text.shape
         x = self._embed(text)                                               # (B, T, D)
         x = torch.cat([x, self.cls_emb.expand(B, -1, -1)], dim=1)           # (B, T+1, D)
@@ -61,6 +64,16 @@ class TextEncoder(nn.Module):
             x = run_block(blk, x, ckpt, mask=mask)
         x = self.ln_final(x)
         return x[:, -1], x[:, :-1]                                          # (B, D), (B, T, D)
+
+    def _forward_bidirectional(self, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """BERT-style (fusion arch): every token sees every real token; pooled = the BOS position."""
+        x = self._embed(text)                                               # (B, T, D)
+        mask = None if text_mask is None else text_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for blk in self.blocks:
+            x = run_block(blk, x, ckpt, mask=mask)
+        x = self.ln_final(x)
+        return x[:, 0], x                                                   # (B, D), (B, T, D)
 
     def encode_tokens(self, text: Tensor) -> Tensor:
         """Token features only (no cls), plain causal attention: (B, T) -> (B, T, D)."""

@@ -55,8 +55,9 @@ class Trainer:
         self.skips = SkipLog(strict=cfg.data.strict)
         self.tokenizer = build_tokenizer(cfg, self.run_dir, self.skips)
         self.model = build_model(cfg.model, self.tokenizer.vocab_size).to(self.device)
-        self.pipeline = Pipeline(self.model, cfg.masking)
         self.objectives = build_objectives(cfg.objectives).to(self.device)
+        needs = {r for o in self.objectives.values() for r in o.requires}
+        self.pipeline = Pipeline(self.model, cfg.masking, self.tokenizer, needs)
         if not len(self.objectives):
             raise ValueError("no objective has a non-zero weight: nothing to train")
         params = list(self.model.named_parameters()) + [
