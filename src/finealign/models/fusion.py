@@ -3,7 +3,7 @@
     text tokens (B, T, Dt) from the unimodal text encoder, text_mask (B, T) bool (True on real tokens)
     image tokens (B, N, Dv) from the image encoder (patches, optionally with the cls in front),
     image_mask (B, N) bool (True = may be attended; None = all)
-    each of ``layers`` pre-LN blocks:
+    each of ``layers`` pre-LN blocks (``layers.Block`` with a cross-attention key mask):
         x = x + SelfAttn(LN x)              bidirectional, PAD keys never attended
         x = x + CrossAttn(LN x, LN image)   text queries -> image keys, masked patches never attended
         x = x + MLP(LN x)
@@ -22,35 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import MLP, Attention, init_weights, run_block
-
-
-class FusionBlock(nn.Module):
-    """Pre-LN block: x + SelfAttn(LN x) + CrossAttn(LN x, LN image) + MLP(LN x); parameter names as
-    ``layers.Block`` (whose cross-attention takes no key mask, hence this block)."""
-
-    def __init__(self, dim: int, heads: int, image_width: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.ln_x = nn.LayerNorm(dim)
-        self.ln_kv = nn.LayerNorm(image_width)
-        self.cross_attn = Attention(dim, heads, kv_dim=image_width, cross=True)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp_ratio)
-
-    def forward(self, x: Tensor, image: Tensor, self_mask: Tensor, cross_mask: Tensor | None = None,
-                cross_gate: Tensor | None = None, need_weights: bool = False):
-        """x (B, T, D); image (B, N, Dv); self_mask (B, 1, 1, T) / cross_mask (B, 1, 1, N) bool, True = may
-        attend; cross_gate (B, 1, 1) zeroes the cross-attention of rows without any visible patch.
-        Returns (B, T, D), or ((B, T, D), cross-attention weights (B, H, T, N)) when need_weights."""
-        x = x + self.attn(self.ln_1(x), mask=self_mask)
-        c = self.cross_attn(self.ln_x(x), context=self.ln_kv(image), mask=cross_mask, need_weights=need_weights)
-        if need_weights:
-            c, w = c                                                        # w: (B, H, T, N)
-        x = x + (c if cross_gate is None else c * cross_gate)
-        x = x + self.mlp(self.ln_2(x))
-        return (x, w) if need_weights else x
+from .layers import Block, init_weights, run_block
 
 
 class FusionEncoder(nn.Module):
@@ -59,7 +31,7 @@ class FusionEncoder(nn.Module):
         super().__init__()
         self.width = width
         self.grad_checkpointing = grad_checkpointing
-        self.blocks = nn.ModuleList([FusionBlock(width, heads, image_width, mlp_ratio) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, cross_dim=image_width) for _ in range(layers)])
         self.ln_final = nn.LayerNorm(width)
         self.apply(init_weights)
 
@@ -106,9 +78,9 @@ class FusionEncoder(nn.Module):
         x = text_tokens
         maps: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks):
-            kw = dict(image=image_tokens, self_mask=self_mask, cross_mask=cross_mask, cross_gate=cross_gate)
+            kw = dict(context=image_tokens, mask=self_mask, cross_mask=cross_mask, cross_gate=cross_gate)
             if i in want_set:
-                x, w = run_block(blk, x, ckpt, need_weights=True, **kw)     # w: (B, H, T, N)
+                x, w = run_block(blk, x, ckpt, need_cross_weights=True, **kw)  # w: (B, H, T, N)
                 a = w.mean(dim=1) * real[..., None].to(w.dtype)              # (B, T, N), PAD rows 0
                 if cross_gate is not None:
                     a = a * cross_gate                                       # no visible patch: nothing used

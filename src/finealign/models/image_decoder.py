@@ -6,8 +6,7 @@
     gather masked positions -> LayerNorm -> Linear -> pixel predictions (B, M, patch_dim)
 
 With ``text_width=None`` there is no cross-attention: the plain MIM decoder (random-mask baseline).
-``models/layers.py``'s ``Block`` does not pass a key-padding mask to its cross-attention, so the block is
-defined here (same parameter names), reusing ``Attention`` (SDPA with a boolean mask) and ``MLP``.
+Blocks are ``layers.Block`` with a key-padding mask on the cross-attention.
 """
 from __future__ import annotations
 
@@ -15,33 +14,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import MLP, Attention, init_weights, run_block
-
-
-class ImageDecoderBlock(nn.Module):
-    """Pre-LN block: x + SelfAttn(LN x) [+ CrossAttn(LN x, LN text) with key padding] + MLP(LN x)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, text_width: int | None = None):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.has_cross = text_width is not None
-        if self.has_cross:
-            self.ln_x = nn.LayerNorm(dim)
-            self.ln_kv = nn.LayerNorm(text_width)
-            self.cross_attn = Attention(dim, heads, kv_dim=text_width, cross=True)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp_ratio)
-
-    def forward(self, x: Tensor, text: Tensor | None = None, attn_mask: Tensor | None = None,
-                text_gate: Tensor | None = None) -> Tensor:
-        """x (B, N, D); text (B, T, Dt); attn_mask (B, 1, 1, T) bool, True = may attend;
-        text_gate (B, 1, 1) zeroes the cross-attention of rows without any real text token."""
-        x = x + self.attn(self.ln_1(x))
-        if self.has_cross:
-            c = self.cross_attn(self.ln_x(x), context=self.ln_kv(text), mask=attn_mask)  # (B, N, D)
-            x = x + (c if text_gate is None else c * text_gate)
-        return x + self.mlp(self.ln_2(x))
+from .layers import Block, init_weights, run_block
 
 
 class ImageDecoder(nn.Module):
@@ -56,7 +29,7 @@ class ImageDecoder(nn.Module):
         self.embed = nn.Linear(encoder_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
-        self.blocks = nn.ModuleList([ImageDecoderBlock(width, heads, mlp_ratio, text_width) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, cross_dim=text_width) for _ in range(layers)])
         self.ln_post = nn.LayerNorm(width)
         self.head = nn.Linear(width, patch_dim)
         self.apply(init_weights)
@@ -85,13 +58,13 @@ class ImageDecoder(nn.Module):
 
         kw = {}
         if self.has_text:
-            kw["text"] = text_tokens                                             # (B, T, Dt)
+            kw["context"] = text_tokens                                          # (B, T, Dt)
             if text_mask is not None:
                 real = text_mask.to(torch.bool)                                  # (B, T)
                 has = real.any(dim=1)                                            # (B,)
                 # a row without real tokens would softmax over nothing (NaN): let it attend, then gate to 0
-                kw["attn_mask"] = (real | ~has[:, None])[:, None, None, :]       # (B, 1, 1, T)
-                kw["text_gate"] = has[:, None, None].to(x.dtype)                 # (B, 1, 1)
+                kw["cross_mask"] = (real | ~has[:, None])[:, None, None, :]      # (B, 1, 1, T)
+                kw["cross_gate"] = has[:, None, None].to(x.dtype)                # (B, 1, 1)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
             x = run_block(blk, x, ckpt, **kw)

@@ -159,8 +159,12 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
                 is_causal: bool = False, cache: KVCache | None = None, cross_cache: KVCache | None = None,
-                need_weights: bool = False):
-        """x (B, L, D) -> (B, L, D); with need_weights also the self-attention weights (B, H, L, L)."""
+                need_weights: bool = False, cross_mask: Tensor | None = None, cross_gate: Tensor | None = None,
+                need_cross_weights: bool = False):
+        """x (B, L, D) -> (B, L, D). ``mask`` / ``cross_mask``: bool, True = may attend (self: broadcastable
+        to (B, H, L, L), cross: to (B, H, L, S)); ``cross_gate`` (B, 1, 1) scales the cross-attention output
+        (0 for rows whose context is all masked). With need_weights also the self-attention weights
+        (B, H, L, L); with need_cross_weights the cross-attention weights (B, H, L, S)."""
         a = self.attn(self.ln_1(x), mask=mask, is_causal=is_causal, cache=cache, need_weights=need_weights)
         if need_weights:
             a, weights = a
@@ -169,9 +173,13 @@ class Block(nn.Module):
             x = x + self.mlp_s(self.ln_s(x))
         if self.has_cross:
             ctx = None if (cross_cache is not None and cross_cache.filled) else self.ln_kv(context)
-            x = x + self.cross_attn(self.ln_x(x), context=ctx, cache=cross_cache)
+            c = self.cross_attn(self.ln_x(x), context=ctx, mask=cross_mask, cache=cross_cache,
+                                need_weights=need_cross_weights)
+            if need_cross_weights:
+                c, weights = c
+            x = x + (c if cross_gate is None else c * cross_gate)
         x = x + self.mlp(self.ln_2(x))
-        return (x, weights) if need_weights else x
+        return (x, weights) if (need_weights or need_cross_weights) else x
 
 
 def run_block(block: nn.Module, x: Tensor, use_checkpoint: bool, **kw) -> Tensor:
