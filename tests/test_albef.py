@@ -72,3 +72,23 @@ def test_albef_trains_on_shapes_and_retrieves(tmp_path):
     # the fusion model plugs into the standard evaluation (dual-encoder retrieval)
     res = evaluate(t.model, t.tokenizer, cfg, split="test", tasks=["retrieval", "caption"], progress=False)
     assert "caption" not in res and res["num_images"] == 64 and res["retrieval"]["num_texts"] == 64
+
+
+def test_momentum_teacher_follows_by_ema_and_survives_checkpoints(tmp_path):
+    import finealign
+    cfg = load_config("albef", ["data.source=shapes", "data.num_samples=64", "data.batch_size=16",
+                                "train.steps=2", "train.lr=1e-2", "train.warmup=0", "train.ckpt_every=0",
+                                f"train.run_dir={tmp_path}", "model.momentum=0.5"])
+    t = Trainer(cfg, progress=False)
+    teacher = t.model.teacher
+    assert all(not p.requires_grad for p in teacher.parameters())
+    opt_params = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in opt_params for p in teacher.parameters())
+    before_t = teacher.module.image_proj.weight.clone()
+    t.train()
+    # two EMA steps with m = 0.5 after each optimizer step: the teacher moved, but not onto the student
+    after_t, student = teacher.module.image_proj.weight, t.model.image_proj.weight
+    assert not torch.equal(after_t, before_t) and not torch.allclose(after_t, student)
+    loaded = finealign.load(tmp_path)
+    assert torch.equal(loaded.model.teacher.module.image_proj.weight, after_t)
+    assert loaded.model.teacher.momentum == 0.5

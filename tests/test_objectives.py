@@ -76,3 +76,31 @@ def test_itc_gather_sees_other_microbatches():
     feats = Features(image_embed=img[3:], text_embed=txt[3:], logit_scale=scale)
     out = itc(feats, _batch(3), StepContext(gather_fn=gather))
     assert out["loss"].item() == pytest.approx(full.item(), abs=1e-6)
+
+
+def test_momentum_distillation_targets_by_hand():
+    from finealign.objectives.itc import distilled_contrastive_loss
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    scale = torch.tensor(2.0)
+    plain, _ = contrastive_loss(img, txt, scale)
+    same, _ = distilled_contrastive_loss(img, txt, scale, img, txt, alpha=0.0)
+    assert same.item() == pytest.approx(plain.item(), abs=1e-6)
+    # teacher = identity embeddings: teacher logits 2*I -> softmax rows [e^2, 1] / (e^2 + 1)
+    t = torch.eye(2)
+    p = math.exp(2) / (math.exp(2) + 1)
+    y = [[0.4 * p + 0.6, 0.4 * (1 - p)], [0.4 * (1 - p), 0.4 * p + 0.6]]       # same both directions
+    logits = [[1.2, 0.0], [1.6, 2.0]]                                          # 2 * img @ txt.T
+
+    def ce(rows, targets):
+        tot = 0.0
+        for r, yr in zip(rows, targets):
+            lse = math.log(sum(math.exp(v) for v in r))
+            tot += -sum(yi * (v - lse) for yi, v in zip(yr, r))
+        return tot / len(rows)
+    cols = [[logits[0][0], logits[1][0]], [logits[0][1], logits[1][1]]]
+    expected = (ce(logits, y) + ce(cols, y)) / 2
+    got, _ = distilled_contrastive_loss(img, txt, scale, t, t, alpha=0.4)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="distill_alpha"):
+        build_objectives({"itc": {"distill_alpha": 1.5}})

@@ -28,6 +28,7 @@ class ModelConfig:
     arch: str = "coca"               # coca: dual encoder (+ caption / image decoders): CLIP, CoCa, SyCoCa
                                      # fusion: ALBEF-style text encoder + fusion encoder (ITM, MLM heads)
     fusion_layers: int = 2           # fusion arch: text->image cross-attention layers
+    momentum: float = 0.0            # fusion arch: EMA teacher momentum (0 = no teacher; ALBEF 0.995)
     image_size: int = 32             # input resolution (square)
     patch_size: int = 4              # ViT patch side; grid = image_size // patch_size
     vision_width: int = 128          # ViT token width

@@ -46,6 +46,12 @@ class FusionModel(nn.Module):
         self.itm_head = ITMHead(Dt)
         self.mlm_head = MLMHead(Dt, vocab_size)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.teacher = None
+        if cfg.momentum > 0:         # EMA copy of the unimodal towers: soft ITC targets (distillation)
+            from .momentum import MomentumTeacher
+            self.teacher = MomentumTeacher({"visual": self.visual, "text": self.text,
+                                            "image_proj": self.image_proj, "text_proj": self.text_proj},
+                                           cfg.momentum)
         self.decoder = None          # no caption decoder: eval skips captioning
         self.image_decoder = None
         self.has_decoder = False
@@ -70,8 +76,20 @@ class FusionModel(nn.Module):
     def encode(self, batch: Batch) -> Features:
         img = self.encode_image(batch.images)
         txt = self.encode_text(batch.text, batch.text_mask)
+        extras = {"image_cls": img["cls"]}
+        if self.teacher is not None:
+            t = self.teacher.module
+            with torch.no_grad():
+                extras["teacher_image_embed"] = F.normalize(t.image_proj(t.visual(batch.images)[0]), dim=-1)
+                extras["teacher_text_embed"] = F.normalize(t.text_proj(t.text(batch.text, batch.text_mask)[0]),
+                                                           dim=-1)
         return Features(image_embed=img["embed"], text_embed=txt["embed"], logit_scale=self.get_logit_scale(),
-                        image_tokens=img["patches"], text_tokens=txt["tokens"], extras={"image_cls": img["cls"]})
+                        image_tokens=img["patches"], text_tokens=txt["tokens"], extras=extras)
+
+    def momentum_update(self) -> None:
+        """EMA step of the teacher (the trainer calls it after every optimizer step)."""
+        if self.teacher is not None:
+            self.teacher.update()
 
     def fuse(self, text_tokens: Tensor, text_mask: Tensor, image_cls: Tensor, patches: Tensor, **kw) -> dict:
         """Text (B, T, Dt) attends to [cls | patches] (B, 1+N, Dv) -> fusion outputs (see FusionEncoder)."""

@@ -131,6 +131,8 @@ class Trainer:
                                          f"last good checkpoint: {self.last_checkpoint or 'none yet'}")
             out["grad_norm"] = float(gn)
         self.optimizer.step()
+        if hasattr(self.model, "momentum_update"):
+            self.model.momentum_update()                       # EMA teachers follow the new weights
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         out["lr"] = self.optimizer.param_groups[0]["lr"]
