@@ -74,7 +74,7 @@ def retrieval_ranks(image_embed: Tensor, text_embed: Tensor, text_to_image: Tens
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     t2i = _check_inputs(image_embed, text_embed, text_to_image)
     img, txt = _as_float(image_embed), _as_float(text_embed)
-    n_img, n_txt = img.shape[0], txt.shape[0]
+    n_img = img.shape[0]
 
     # image -> text: rows are images
     i2t_ranks = torch.empty(n_img, dtype=torch.long, device=img.device)

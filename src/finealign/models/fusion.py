@@ -57,7 +57,6 @@ class FusionEncoder(nn.Module):
         attended image tokens (0 on masked ones); PAD rows, and rows of samples with no visible patch, are 0.
         """
         B, T, _ = text_tokens.shape
-        N = image_tokens.shape[1]
         real = text_mask.to(torch.bool)                                      # (B, T)
         # a sample without any real token would softmax over nothing (NaN): let its rows see everything
         self_mask = (real | ~real.any(dim=1, keepdim=True))[:, None, None, :]  # (B, 1, 1, T)
