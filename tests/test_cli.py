@@ -100,3 +100,22 @@ def test_viz_masks_writes_png(tmp_path):
     assert main(["viz", "masks", str(run), "--image", str(img), "--text", "a red circle", "--out", str(out)]) == 0
     with Image.open(out) as im:
         assert im.size[0] > 3 * im.size[1]        # five panels side by side
+
+
+def test_category_recognition_uses_categories(trained_run):
+    import finealign
+    from finealign.config import from_dict, merge
+    from finealign.eval.runner import evaluate
+    from finealign.types import Sample
+    loaded = finealign.load(trained_run)
+    colours = ["red", "blue", "green", "white", "black", "yellow"]
+    samples = [Sample(key=c, load_image=lambda c=c: Image.new("RGB", (32, 32), c), captions=[f"a {c} square"],
+                      label=["warm", "cool"][i % 2], category=["x", "y", "z"][i % 3])
+               for i, c in enumerate(colours)]
+    by_label = evaluate(loaded.model, loaded.tokenizer, loaded.config, tasks=["classify"], samples=samples,
+                        progress=False)["classify"]
+    cfg = from_dict(merge(loaded.config.to_dict(), {"eval": {"classify_by": "category"}}))
+    by_cat = evaluate(loaded.model, loaded.tokenizer, cfg, tasks=["classify"], samples=samples,
+                      progress=False)["classify"]
+    assert (by_label["num_classes"], by_label["by"]) == (2, "label")
+    assert (by_cat["num_classes"], by_cat["by"]) == (3, "category")

@@ -126,6 +126,7 @@ class EvalConfig:
     max_new_tokens: int = 20
     max_images: int = 0              # cap on evaluated images (0 = all)
     templates: list[str] = field(default_factory=lambda: ["{}", "a picture of {}", "an image of {}"])
+    classify_by: str = "label"       # zero-shot classes: the samples' label, or category (category recognition)
 
 
 @dataclass
@@ -318,6 +319,8 @@ def validate(cfg: Config) -> None:
                           "(e.g. {type: random, mask_ratio: 0.5})")
     if cfg.masking.mim and cfg.model.mim_decoder_layers == 0:
         raise ConfigError("masking.mim is set but the model has no image decoder (model.mim_decoder_layers = 0)")
+    if cfg.eval.classify_by not in ("label", "category"):
+        raise ConfigError(f"eval.classify_by must be label or category, got {cfg.eval.classify_by!r}")
     if cfg.data.sampler not in ("random", "grouped"):
         raise ConfigError(f"data.sampler must be random or grouped, got {cfg.data.sampler!r}")
     if not 0.0 < cfg.data.fraction <= 1.0:

@@ -86,9 +86,10 @@ def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Seq
         results["samples"] = [{"key": kept[i].key, "references": kept[i].captions, "generated": generated[i]}
                               for i in spread]
     if "classify" in tasks:
-        labels = [s.label for s in kept]
+        field = cfg.eval.classify_by
+        labels = [getattr(s, field) for s in kept]
         if any(l is None for l in labels):
-            log.warning("classify: some samples have no label; skipping the task")
+            log.warning("classify: some samples have no %s; skipping the task", field)
         else:
             classes = sorted(set(labels))
             index = {c: i for i, c in enumerate(classes)}
@@ -98,6 +99,7 @@ def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Seq
             results["classify"] = zero_shot_classify(img, cls_emb, torch.tensor([index[l] for l in labels],
                                                                                device=device))
             results["classify"]["num_classes"] = len(classes)
+            results["classify"]["by"] = field
     results["skipped"] = skips.to_dict()
     model.train(was_training)
     return results
