@@ -23,13 +23,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", which: str = "lat
     """Load a checkpoint directory, or the latest valid checkpoint of a run directory."""
     from .data.tokenizer import Tokenizer
     ck = ckpt.find_checkpoint(path, which)
-    cfg = from_dict(ckpt.load_config_from_checkpoint(ck))
-    state = ckpt.load_checkpoint(ck).get("extra") or {}
-    tok_json = state.get("tokenizer_json")
+    state = ckpt.load_checkpoint(ck)            # verifies the files once; config and extra, no weights
+    cfg = from_dict(state["config"])
+    tok_json = (state.get("extra") or {}).get("tokenizer_json")
     if not tok_json:
         raise ckpt.CheckpointError(f"{ck}: checkpoint carries no tokenizer")
     tokenizer = Tokenizer.from_str(tok_json)
     model = build_model(cfg.model, tokenizer.vocab_size)
-    ckpt.load_checkpoint(ck, model, map_location="cpu")
+    ckpt.load_weights(model, ck)
     model.to(device).eval()
     return Loaded(model=model, tokenizer=tokenizer, config=cfg, path=ck)

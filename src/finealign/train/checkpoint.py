@@ -44,7 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = ["CheckpointError", "save_checkpoint", "find_checkpoint", "load_checkpoint", "verify_checkpoint",
-           "load_config_from_checkpoint", "list_checkpoints", "get_rng_state", "set_rng_state"]
+           "load_config_from_checkpoint", "list_checkpoints", "get_rng_state", "set_rng_state",
+           "load_weights"]
 
 from .rng import get_rng_state, set_rng_state  # noqa: F401  (re-exported: part of the checkpoint API)
 
@@ -363,6 +364,11 @@ def _load_weights(model: nn.Module, path: Path, map_location: Any) -> None:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:                               # shape mismatches
         raise CheckpointError(f"{path} does not fit {type(model).__name__}: {e}") from e
+
+
+def load_weights(model: nn.Module, ckpt: str | os.PathLike, map_location: Any = "cpu") -> None:
+    """Only the weights of checkpoint dir ``ckpt`` into ``model`` (strict; no verification, no state.pt)."""
+    _load_weights(model, Path(ckpt) / "model.safetensors", map_location)
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
