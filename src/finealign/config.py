@@ -65,9 +65,14 @@ class DataConfig:
     separator: str = ""              # csv/tsv delimiter ("" = source default)
     num_samples: int = 0             # procedural sources: samples per split (0 = source default)
     fraction: float = 1.0            # use this fraction of the training split (data-efficiency studies)
-    sampler: str = "random"          # random | grouped: each batch from a few groups (data.group_by), hard
-                                     # negatives, never two samples of one item (several views, one text)
+    sampler: str = "random"          # random | grouped: each batch from a few groups (data.group_by) |
+                                     # semi_hard: batches of embedding neighbours in a similarity band;
+                                     # grouped/semi_hard never put two samples of one item in a batch
     group_by: str = "category"       # grouped sampler: Sample field that defines groups (category, label, item_id)
+    semi_hard_band: list[float] = field(default_factory=lambda: [0.3, 0.9])  # preferred similarity to the batch
+    semi_hard_upper: float = 0.95    # above it two samples are near-duplicates: never in one batch
+    refresh_every: int = 100         # semi_hard: re-embed the training set with the current model every N steps
+    refresh_embed: str = "image"     # semi_hard: which embedding defines neighbours: image | text
     batch_size: int = 64             # global training batch (split into micro-batches by train.grad_accum)
     eval_batch_size: int = 128       # batch size for evaluation / embedding
     workers: int = 0                 # DataLoader worker processes
@@ -90,6 +95,8 @@ class MaskingConfig:
     ic: dict[str, Any] = field(default_factory=dict)   # caption path: masked patches are dropped ({} = all)
     mlm: dict[str, Any] = field(default_factory=dict)  # words masked for MLM: {prob: 0.15} (BERT 80/10/10)
     mim: dict[str, Any] = field(default_factory=dict)  # image decoder: masked patches are reconstructed
+    sync: dict[str, Any] = field(default_factory=dict)  # SyncMask: {words: 0.15, patches: 0.25, layer: -1};
+                                     # replaces mlm/mim masks with ones from the teacher's cross-attention
 
 
 @dataclass
@@ -127,6 +134,7 @@ class EvalConfig:
     max_images: int = 0              # cap on evaluated images (0 = all)
     templates: list[str] = field(default_factory=lambda: ["{}", "a picture of {}", "an image of {}"])
     classify_by: str = "label"       # zero-shot classes: the samples' label, or category (category recognition)
+    k_test: int = 16                 # fusion models: re-rank each query's ITC top-k with the ITM head (0 = off)
 
 
 @dataclass
@@ -321,8 +329,28 @@ def validate(cfg: Config) -> None:
         raise ConfigError("masking.mim is set but the model has no image decoder (model.mim_decoder_layers = 0)")
     if cfg.eval.classify_by not in ("label", "category"):
         raise ConfigError(f"eval.classify_by must be label or category, got {cfg.eval.classify_by!r}")
-    if cfg.data.sampler not in ("random", "grouped"):
-        raise ConfigError(f"data.sampler must be random or grouped, got {cfg.data.sampler!r}")
+    if cfg.data.sampler not in ("random", "grouped", "semi_hard"):
+        raise ConfigError(f"data.sampler must be random, grouped or semi_hard, got {cfg.data.sampler!r}")
+    d = cfg.data
+    if d.sampler == "semi_hard":
+        if len(d.semi_hard_band) != 2 or not d.semi_hard_band[0] <= d.semi_hard_band[1]:
+            raise ConfigError(f"data.semi_hard_band must be [low, high] with low <= high, got {d.semi_hard_band}")
+        if d.refresh_embed not in ("image", "text"):
+            raise ConfigError(f"data.refresh_embed must be image or text, got {d.refresh_embed!r}")
+        if d.refresh_every < 0:
+            raise ConfigError(f"data.refresh_every must be >= 0 (0 = never), got {d.refresh_every}")
+    unknown = set(cfg.masking.sync) - {"words", "patches", "layer"}
+    if unknown:
+        raise ConfigError(f"masking.sync: unknown option(s) {sorted(unknown)}; valid: ['layer', 'patches', 'words']")
+    if cfg.masking.sync:
+        if cfg.model.arch != "fusion":
+            raise ConfigError("masking.sync needs the fusion model's cross-attention: set model.arch: fusion")
+        for k in ("words", "patches"):
+            v = float(cfg.masking.sync.get(k, 0.15 if k == "words" else 0.25))
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"masking.sync.{k} must be in [0, 1), got {v}")
+    if cfg.eval.k_test < 0:
+        raise ConfigError(f"eval.k_test must be >= 0 (0 = no ITM re-ranking), got {cfg.eval.k_test}")
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise ConfigError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
 
