@@ -29,6 +29,8 @@ class ModelConfig:
                                      # fusion: ALBEF-style text encoder + fusion encoder (ITM, MLM heads)
     fusion_layers: int = 2           # fusion arch: text->image cross-attention layers
     momentum: float = 0.0            # fusion arch: EMA teacher momentum (0 = no teacher; ALBEF 0.995)
+    queue_size: int = 0              # fusion arch with a teacher: queue of the teacher's embeddings used as
+                                     # extra ITC negatives / distillation targets (ALBEF 65536; 0 = off)
     image_size: int = 32             # input resolution (square)
     patch_size: int = 4              # ViT patch side; grid = image_size // patch_size
     vision_width: int = 128          # ViT token width
@@ -322,7 +324,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"masking.mlm: unknown option(s) {sorted(unknown)}; valid: ['prob']")
     if cfg.masking.relevance not in ("max", "mean"):
         raise ConfigError(f"masking.relevance must be max or mean, got {cfg.masking.relevance!r}")
-    if cfg.model.mim_decoder_layers > 0 and not cfg.masking.mim:
+    if cfg.model.mim_decoder_layers > 0 and not (cfg.masking.mim or cfg.masking.sync):
         raise ConfigError("model.mim_decoder_layers > 0 needs a masker for it: set masking.mim "
                           "(e.g. {type: random, mask_ratio: 0.5})")
     if cfg.masking.mim and cfg.model.mim_decoder_layers == 0:
@@ -349,6 +351,9 @@ def validate(cfg: Config) -> None:
             v = float(cfg.masking.sync.get(k, 0.15 if k == "words" else 0.25))
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"masking.sync.{k} must be in [0, 1), got {v}")
+    if cfg.model.queue_size < 0 or (cfg.model.queue_size and not cfg.model.momentum):
+        raise ConfigError(f"model.queue_size ({cfg.model.queue_size}) needs model.momentum > 0 "
+                          f"(the queue holds the teacher's embeddings); 0 = no queue")
     if cfg.eval.k_test < 0:
         raise ConfigError(f"eval.k_test must be >= 0 (0 = no ITM re-ranking), got {cfg.eval.k_test}")
     if not 0.0 < cfg.data.fraction <= 1.0:

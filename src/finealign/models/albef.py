@@ -4,6 +4,10 @@
     text   -> bidirectional TextEncoder -> tokens (B, T, Dt);   embed = proj(tokens[:, 0])
     fusion: text tokens cross-attend to [cls | patches] -> fused tokens; ITM head on fused[:, 0],
             MLM head on fused tokens of the masked words
+    MIM (mim_decoder_layers > 0): ViT over the visible patches -> fusion of the (masked) text with them
+            -> ImageDecoder cross-attending to the fused text tokens -> pixels of the masked patches.
+            MLM and MIM share that one fused pass: with masks["mim"] the MLM words are predicted from the
+            masked image too (SyncMask: masked words and the patches they describe are hidden together).
 
 Two stages like every finealign model: ``encode(batch)`` (both towers) and ``heads(feats, batch,
 masks, needs)``. ``needs`` is the set of features the active objectives read, so a head whose
@@ -23,6 +27,7 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..types import Batch, Features
 from .fusion import FusionEncoder, ITMHead, MLMHead
+from .image_decoder import ImageDecoder
 from .layers import init_weights
 from .text import TextEncoder
 from .vision import VisionTransformer
@@ -46,14 +51,25 @@ class FusionModel(nn.Module):
         self.itm_head = ITMHead(Dt)
         self.mlm_head = MLMHead(Dt, vocab_size)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.image_decoder = None
+        if cfg.mim_decoder_layers > 0:
+            self.image_decoder = ImageDecoder(
+                num_patches=self.visual.num_patches, encoder_width=Dv, width=cfg.mim_decoder_width or Dv,
+                layers=cfg.mim_decoder_layers, heads=cfg.mim_decoder_heads or cfg.vision_heads,
+                patch_dim=3 * cfg.patch_size ** 2, text_width=Dt if cfg.mim_text else None,
+                mlp_ratio=cfg.mlp_ratio, grad_checkpointing=cfg.grad_checkpointing)
         self.teacher = None
-        if cfg.momentum > 0:         # EMA copy of the unimodal towers: soft ITC targets (distillation)
-            from .momentum import MomentumTeacher
-            self.teacher = MomentumTeacher({"visual": self.visual, "text": self.text,
+        self.queues = None
+        if cfg.momentum > 0:         # EMA copy: soft ITC targets (distillation), attention maps for masking
+            from .momentum import FeatureQueue, MomentumTeacher
+            self.teacher = MomentumTeacher({"visual": self.visual, "text": self.text, "fusion": self.fusion,
                                             "image_proj": self.image_proj, "text_proj": self.text_proj},
                                            cfg.momentum)
+            if cfg.queue_size > 0:   # the teacher's embeddings of past batches (ALBEF's image/text queues)
+                self.queues = nn.ModuleDict({"image": FeatureQueue(E, cfg.queue_size),
+                                             "text": FeatureQueue(E, cfg.queue_size)})
+        self._pending: list[tuple[Tensor, Tensor]] = []   # this step's teacher embeddings, enqueued after it
         self.decoder = None          # no caption decoder: eval skips captioning
-        self.image_decoder = None
         self.has_decoder = False
 
     @property
@@ -80,16 +96,44 @@ class FusionModel(nn.Module):
         if self.teacher is not None:
             t = self.teacher.module
             with torch.no_grad():
-                extras["teacher_image_embed"] = F.normalize(t.image_proj(t.visual(batch.images)[0]), dim=-1)
-                extras["teacher_text_embed"] = F.normalize(t.text_proj(t.text(batch.text, batch.text_mask)[0]),
-                                                           dim=-1)
+                t_cls, t_patches = t.visual(batch.images)                          # (B, Dv), (B, N, Dv)
+                t_pooled, t_tokens = t.text(batch.text, batch.text_mask)           # (B, Dt), (B, T, Dt)
+                extras["teacher_image_embed"] = F.normalize(t.image_proj(t_cls), dim=-1)
+                extras["teacher_text_embed"] = F.normalize(t.text_proj(t_pooled), dim=-1)
+                extras["teacher_image"] = (t_cls, t_patches)
+                extras["teacher_text_tokens"] = t_tokens
+            if self.queues is not None:
+                extras["queue_image_embed"] = self.queues["image"].get()           # (Q, E), oldest first
+                extras["queue_text_embed"] = self.queues["text"].get()
+                if self.training and torch.is_grad_enabled():    # not the no-grad pre-pass of grad accumulation
+                    self._pending.append((extras["teacher_image_embed"], extras["teacher_text_embed"]))
         return Features(image_embed=img["embed"], text_embed=txt["embed"], logit_scale=self.get_logit_scale(),
                         image_tokens=img["patches"], text_tokens=txt["tokens"], extras=extras)
 
     def momentum_update(self) -> None:
-        """EMA step of the teacher (the trainer calls it after every optimizer step)."""
+        """EMA step of the teacher, then this step's teacher embeddings into the queues (the trainer calls
+        it after every optimizer step). Single process; under DDP the embeddings must be all-gathered first."""
         if self.teacher is not None:
             self.teacher.update()
+        if self.queues is not None and self._pending:
+            self.queues["image"].enqueue(torch.cat([i for i, _ in self._pending]))
+            self.queues["text"].enqueue(torch.cat([t for _, t in self._pending]))
+        self._pending = []
+
+    @torch.no_grad()
+    def cross_attention(self, feats: Features, batch: Batch, layer: int = -1) -> Tensor:
+        """Text -> patch cross-attention of fusion layer ``layer`` (head-averaged), from the momentum
+        teacher when there is one (else the model itself), without gradient: (B, T, N), the cls column
+        dropped. PAD rows are 0. This is what synchronized masking reads."""
+        if self.teacher is not None and "teacher_image" in feats.extras:
+            t = self.teacher.module
+            cls, patches = feats.extras["teacher_image"]
+            tokens, fusion = feats.extras["teacher_text_tokens"], t.fusion
+        else:
+            cls, patches, tokens, fusion = feats.extras["image_cls"], feats.image_tokens, feats.text_tokens, self.fusion
+        image = torch.cat([cls[:, None], patches], dim=1)                           # (B, 1+N, Dv)
+        attn = fusion(tokens, batch.text_mask.bool(), image, attn_layers=[layer])["attn"][0]   # (B, T, 1+N)
+        return attn[..., 1:]
 
     def fuse(self, text_tokens: Tensor, text_mask: Tensor, image_cls: Tensor, patches: Tensor, **kw) -> dict:
         """Text (B, T, Dt) attends to [cls | patches] (B, 1+N, Dv) -> fusion outputs (see FusionEncoder)."""
@@ -100,7 +144,7 @@ class FusionModel(nn.Module):
     def heads(self, feats: Features, batch: Batch, masks: dict | None = None, needs: set | None = None
               ) -> Features:
         masks = masks or {}
-        needs = {"itm_logits", "mlm_logits"} if needs is None else needs
+        needs = {"itm_logits", "mlm_logits", "mim_pred"} if needs is None else needs
         cls, patches, mask = feats.extras["image_cls"], feats.image_tokens, batch.text_mask.bool()
         if "itm_logits" in needs:
             from ..objectives.itm import sample_hard_negatives
@@ -114,16 +158,37 @@ class FusionModel(nn.Module):
             fused = self.fuse(txt, tmask, icls, ipat)["cls"]                               # (3B, Dt)
             feats.extras["itm_logits"] = self.itm_head(fused)                              # (3B, 2)
             feats.extras["itm_num_pos"] = len(batch)
-        if "mlm_logits" in needs:
-            mlm = masks.get("mlm")
-            if mlm is None:
-                raise ValueError("MLM needs masked words: configure masking.mlm (e.g. {prob: 0.15})")
-            masked_text, positions = mlm
-            _, tokens = self.text(masked_text, mask)                                       # (B, T, Dt)
-            fused = self.fuse(tokens, mask, cls, patches)["tokens"]                        # (B, T, Dt)
+        want_mlm, want_mim = "mlm_logits" in needs, "mim_pred" in needs and self.image_decoder is not None
+        if want_mlm or want_mim:
+            self._masked_heads(feats, batch, masks, want_mlm, want_mim)
+        return feats
+
+    def _masked_heads(self, feats: Features, batch: Batch, masks: dict, want_mlm: bool, want_mim: bool) -> None:
+        """One fusion pass of the (masked) text over the (masked) image feeds MLM and MIM."""
+        mask = batch.text_mask.bool()
+        mim = masks.get("mim")
+        if want_mim and mim is None:
+            raise ValueError("MIM needs masked patches: configure masking.mim (e.g. {type: random, "
+                             "mask_ratio: 0.25}) or masking.sync")
+        if mim is not None:                                 # the image with the masked patches left out
+            cls, patches = self.visual(batch.images, keep=mim.keep)                        # (B, Dv), (B, K, Dv)
+        else:
+            cls, patches = feats.extras["image_cls"], feats.image_tokens
+        text, positions = batch.text, None
+        if want_mlm:
+            if masks.get("mlm") is None:
+                raise ValueError("MLM needs masked words: configure masking.mlm (e.g. {prob: 0.15}) or masking.sync")
+            text, positions = masks["mlm"]
+        _, tokens = self.text(text, mask)                                                  # (B, T, Dt)
+        fused = self.fuse(tokens, mask, cls, patches)["tokens"]                            # (B, T, Dt)
+        if want_mlm:
             feats.extras["mlm_logits"] = self.mlm_head(fused[positions[:, 0], positions[:, 1]])  # (M, V)
             feats.extras["mlm_positions"] = positions
-        return feats
+        if want_mim:
+            ctx = fused if self.cfg.mim_text else None
+            feats.extras["mim_pred"] = self.image_decoder(patches, mim.keep, mim.masked, ctx,
+                                                          mask if ctx is not None else None)  # (B, M, 3p²)
+            feats.extras["mim_masked"] = mim.masked
 
     def forward(self, batch: Batch, masks: dict | None = None) -> Features:
         return self.heads(self.encode(batch), batch, masks, needs=set())

@@ -70,14 +70,23 @@ class MaskedImageModeling(Objective):
         self.norm_pix = bool(norm_pix)
         self.patch_size = int(patch_size)
 
+    name = "tg_mim"
+
     def forward(self, feats: Features, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
-        pred = require(feats, "mim_pred", "tg_mim")                        # (B, M, C*p*p)
-        masked = require(feats, "mim_masked", "tg_mim")                    # (B, M)
+        pred = require(feats, "mim_pred", self.name)                       # (B, M, C*p*p)
+        masked = require(feats, "mim_masked", self.name)                   # (B, M)
         images = batch.images                                              # (B, C, H, W)
         if pred.dim() != 3 or masked.shape != pred.shape[:2] or masked.shape[0] != images.shape[0]:
-            raise ValueError(f"tg_mim: mim_pred {tuple(pred.shape)} and mim_masked {tuple(masked.shape)} "
+            raise ValueError(f"{self.name}: mim_pred {tuple(pred.shape)} and mim_masked {tuple(masked.shape)} "
                              f"must be (B, M, patch_dim) and (B, M) for {images.shape[0]} images")
         p = self.patch_size or infer_patch_size(pred.shape[-1], images.shape[1])
         if pred.shape[-1] != images.shape[1] * p * p:
-            raise ValueError(f"tg_mim: prediction width {pred.shape[-1]} != {images.shape[1]}*{p}*{p}")
+            raise ValueError(f"{self.name}: prediction width {pred.shape[-1]} != {images.shape[1]}*{p}*{p}")
         return {"loss": mim_loss(pred, images, masked.long(), p, self.norm_pix)}
+
+
+@OBJECTIVES.register("mim")
+class PixelMIM(MaskedImageModeling):
+    """The same loss under its generic name (fusion-model MIM, random-mask baselines): whether it is
+    text-guided is the model's choice (``model.mim_text``), not the objective's."""
+    name = "mim"
