@@ -173,3 +173,29 @@ def test_queue_fills_with_teacher_embeddings_and_survives_checkpoints(tmp_path):
     assert torch.equal(loaded.model.queues["text"].get(), q.get())
     with pytest.raises(ConfigError, match="queue_size"):
         load_config("clip", ["model.queue_size=8"])
+
+
+def test_viz_masks_shows_synchronized_words_and_patches(tmp_path):
+    from PIL import Image
+
+    from finealign.analysis.viz_sync import sync_panels
+    from finealign.api import load
+    from finealign.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "syncmask", "data.source=shapes-items", "data.num_samples=96", "data.batch_size=16",
+                 "data.sampler=random", "train.steps=2", f"train.run_dir={run}", "--no-progress"]) == 0
+    loaded = load(str(run))
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 64), "red").save(img)
+    from finealign.data.transforms import ImageTransform
+    image = ImageTransform(loaded.config.model.image_size, train=False)(Image.open(img).convert("RGB"))
+    panels = sync_panels(loaded.model, loaded.tokenizer, loaded.config, image, "a large red circle on the left")
+    words = [w for w, _ in panels["tokens"]]
+    assert "".join(words).replace(" ", "") == "alargeredcircleontheleft"
+    assert sum(m for _, m in panels["tokens"]) == 1                     # 15% of 7 words -> 1
+    N = loaded.model.visual.num_patches
+    assert panels["mim"].masked.shape == (1, round(0.25 * N)) and panels["reconstruction"].shape == image.shape
+    out = tmp_path / "m.png"
+    assert main(["viz", "masks", str(run), "--image", str(img), "--text", "a red circle", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.size[0] > 3 * im.size[1]                              # four panels side by side

@@ -1,5 +1,6 @@
 """Pictures of what a model does. ``finealign viz masks``: the image, its patch-text relevance, the
-patches the caption head keeps, the patches TG-MIM hides, and the reconstruction."""
+patches the caption head keeps, the patches TG-MIM hides, and the reconstruction. Fusion models with
+synchronized masking get the SyncMask figure instead (``viz_sync``: masked words beside masked patches)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,6 +73,10 @@ def save_mask_figure(loaded, image_path: str | Path, text: str, out: str | Path)
     with Image.open(image_path) as im:
         im.load()
         image = ImageTransform(cfg.model.image_size, train=False)(to_rgb(im))
+    if cfg.masking.sync or cfg.model.arch == "fusion":
+        from .viz_sync import draw_sync_figure
+        fig, _ = draw_sync_figure(loaded, image, text, plt)
+        return _save(fig, out, plt)
     panels = mask_panels(loaded.model, loaded.tokenizer, cfg, image, text)
     p, g = panels["patch"], panels["grid"]
     shown = denormalize(image)
@@ -88,6 +93,10 @@ def save_mask_figure(loaded, image_path: str | Path, text: str, out: str | Path)
         ax.axis("off")
     fig.suptitle(f'"{text}"', fontsize=10)
     fig.tight_layout()
+    return _save(fig, out, plt)
+
+
+def _save(fig, out, plt) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

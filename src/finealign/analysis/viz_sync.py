@@ -1,0 +1,84 @@
+"""``finealign viz masks`` for fusion models with synchronized masking (SyncMask).
+
+Panels: the image; the teacher's cross-attention of the masked words (summed over them) as a heat map;
+the image with the masked patches greyed out; the MIM reconstruction (when the model has an image
+decoder); and the caption with the masked words highlighted, so one sees that the words and the
+patches they describe are hidden together.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..masking.sync import SynchronizedMasker
+from ..masking.text import special_positions
+from ..types import Batch
+
+DEFAULT_SYNC = {"words": 0.15, "patches": 0.25, "layer": -1}
+
+
+@torch.no_grad()
+def sync_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
+    """image (3, S, S) normalised, caption -> {"attention" (g, g), "mim" MaskIndices, "tokens" [(str, masked)],
+    "reconstruction" (3, S, S) or absent, "grid", "patch"}."""
+    from ..objectives.tg_mim import patchify
+    model.eval()
+    ids, tmask = tokenizer.encode_batch([text], cfg.model.context_length)
+    batch = Batch(images=image[None], text=ids, text_mask=tmask, image_ids=torch.zeros(1, dtype=torch.long),
+                  item_ids=torch.zeros(1, dtype=torch.long), captions=[text], keys=["viz"])
+    masker = SynchronizedMasker(**(cfg.masking.sync or DEFAULT_SYNC))
+    feats = model.encode(batch)
+    attn = model.cross_attention(feats, batch, masker.layer)                      # (1, T, N)
+    special = special_positions(ids, tokenizer.special_ids)
+    positions, mim = masker(attn, tmask.bool(), special)
+    chosen = positions[:, 1].tolist()
+    p, g = cfg.model.patch_size, model.visual.grid
+    heat = attn[0, chosen].sum(0) if chosen else attn[0].sum(0)                   # (N,)
+    real = [i for i in range(ids.shape[1]) if tmask[0, i] and not special[0, i]]
+    tokens = [(tokenizer.decode([int(ids[0, i])]).strip() or "·", i in chosen) for i in real]
+    out = {"attention": heat.reshape(g, g), "mim": mim, "tokens": tokens, "grid": g, "patch": p}
+    if getattr(model, "image_decoder", None) is not None:
+        from ..masking.text import corrupt_tokens
+        masked_text = corrupt_tokens(ids, positions, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                                     special_ids=tokenizer.special_ids, replace_ratio=(1.0, 0.0, 0.0))
+        pred = model.heads(feats, batch, {"mim": mim, "mlm": (masked_text, positions)},
+                           needs={"mim_pred"}).extras["mim_pred"][0]              # (M, 3p²)
+        target = patchify(image[None], p)[0].clone()                              # (N, 3p²)
+        m = mim.masked[0]
+        if bool(cfg.objectives.get("mim", {}).get("norm_pix", True)):
+            mean = target[m].mean(-1, keepdim=True)
+            std = target[m].var(-1, keepdim=True).add(1e-6).sqrt()
+            pred = pred * std + mean
+        recon = target.clone()
+        recon[m] = pred.to(recon.dtype)
+        from .viz import unpatchify
+        out["reconstruction"] = unpatchify(recon, p, g)
+    return out
+
+
+def draw_sync_figure(loaded, image: torch.Tensor, text: str, plt):
+    """The matplotlib figure for ``sync_panels`` (the caller saves it)."""
+    from ..data.transforms import denormalize
+    from .viz import _shade
+    panels = sync_panels(loaded.model, loaded.tokenizer, loaded.config, image, text)
+    p, g = panels["patch"], panels["grid"]
+    shown = denormalize(image)
+    tiles = [("image", shown.permute(1, 2, 0)),
+             ("teacher attention of masked words", panels["attention"]),
+             ("masked patches", _shade(shown, panels["mim"].masked[0], p, g).permute(1, 2, 0))]
+    if "reconstruction" in panels:
+        tiles.append(("MIM reconstruction", denormalize(panels["reconstruction"]).permute(1, 2, 0)))
+    fig, axes = plt.subplots(1, len(tiles), figsize=(3 * len(tiles), 3.8))
+    for ax, (title, arr) in zip(axes, tiles):
+        ax.imshow(arr.float().numpy(), cmap="inferno" if arr.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    # the caption, masked words on a highlighted box, laid out left to right across the figure
+    x = 0.02
+    for word, masked in panels["tokens"]:
+        t = fig.text(x, 0.04, word, fontsize=11, color="white" if masked else "black",
+                     bbox=dict(facecolor="crimson", edgecolor="none", pad=1.5) if masked else None)
+        x += 0.012 * (len(word) + 1) * (4 / len(tiles))
+        if x > 0.95:
+            break
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig, panels
