@@ -147,7 +147,7 @@ class FusionModel(nn.Module):
         needs = {"itm_logits", "mlm_logits", "mim_pred"} if needs is None else needs
         cls, patches, mask = feats.extras["image_cls"], feats.image_tokens, batch.text_mask.bool()
         if "itm_logits" in needs:
-            from ..objectives.itm import sample_hard_negatives
+            from .negatives import sample_hard_negatives
             with torch.no_grad():
                 sim = feats.image_embed.float() @ feats.text_embed.float().t()      # (B, B)
                 neg_txt, neg_img = sample_hard_negatives(sim * feats.logit_scale.float(), batch.item_ids)
