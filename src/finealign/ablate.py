@@ -46,7 +46,9 @@ __all__ = ["discover_recipes", "recipe_description", "run_ablation", "summarize"
 # (task, metric key, column header) in table order; a column no row has is left out of the table
 METRICS = [("retrieval", "t2i_r1", "t2i R@1"), ("retrieval", "i2t_r1", "i2t R@1"),
            ("retrieval", "mean_recall", "mean R"), ("caption", "cider", "CIDEr"),
-           ("caption", "bleu4", "BLEU-4"), ("classify", "top1", "top-1")]
+           ("caption", "bleu4", "BLEU-4"), ("tgir", "r10", "TGIR R@10"), ("tgir", "r50", "TGIR R@50"),
+           ("classify", "top1", "top-1")]
+# (metric keys are unique across tasks: a row's metrics are keyed by them)
 # config keys every recipe of a study must share: equal steps and data is the point of an ablation
 SAME_KEYS = ["train.steps", "data.batch_size", "train.grad_accum", "data.source", "data.root",
              "data.train", "data.val", "data.test", "data.fraction", "data.num_samples", "data.seed"]

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate CKPT (checkpoint or run dir).")
     p.add_argument("checkpoint")
-    p.add_argument("--task", action="append", choices=["retrieval", "caption", "classify"],
+    p.add_argument("--task", action="append", choices=["retrieval", "caption", "classify", "tgir"],
                    help="task(s) to run (repeatable; default: the recipe's eval.tasks)")
     p.add_argument("--data", default=None, help="dataset root (default: the training config's data.root)")
     p.add_argument("--source", default=None, help="data source (default: the training config's)")

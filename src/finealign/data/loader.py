@@ -3,11 +3,12 @@
 * ``build_source(cfg, split, skips)``: registered source + deterministic ``cfg.fraction`` subset.
 * ``PairDataset``: map-style (image, caption) pairs; bad samples come back as ``Skipped``.
 * ``collate_items`` / ``Collator``: items -> ``Batch`` (tokenisation happens in the main process).
-* ``TrainLoader``: endless, deterministic, resumable batch iterator (map-style or streaming).
+* ``TrainLoader``: endless, deterministic, resumable batch iterator (map-style or streaming);
+  the batch orders themselves (random / grouped / semi_hard, streaming) live in ``batching.py``.
 * ``iter_eval_images`` / ``collect_captions``: unique images and all captions of an eval split.
 
-Determinism: the order of epoch ``e`` is ``randperm(N, Generator().manual_seed(seed + e))`` over
-caption pairs; augmentation randomness of pair ``i`` in epoch ``e`` is seeded by
+Determinism: the order of epoch ``e`` (random sampler) is ``randperm(N, Generator().manual_seed(seed
++ e))`` over caption pairs; augmentation randomness of pair ``i`` in epoch ``e`` is seeded by
 ``sample_seed(seed, e, i)``. Neither depends on the number of workers, so a run resumed from
 ``TrainLoader.state_dict()`` sees exactly the batches an uninterrupted run would have seen.
 """
@@ -22,11 +23,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..config import DataConfig
 from ..registry import SOURCES
 from ..types import Batch, Sample
+from .batching import SemiHardBatches, StreamBatches, build_batches
 from .skips import BadSampleError, SkipLog
 from .sources.common import Skipped, classify_error, load_item, sample_seed
 from .transforms import ImageTransform
@@ -109,13 +111,17 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return int(self._sample_idx.shape[0])
 
+    def pair(self, i: int) -> tuple[int, str]:
+        """``(index into samples, caption)`` of entry ``i``, without loading the image."""
+        si, ci = int(self._sample_idx[i]), int(self._caption_idx[i])
+        caps = self.samples[si].captions
+        return si, (caps[ci] if ci < len(caps) else "")
+
     def __getitem__(self, idx) -> dict | Skipped:
         epoch, i = (int(idx[0]), int(idx[1])) if isinstance(idx, tuple) else (0, int(idx))
-        s = self.samples[int(self._sample_idx[i])]
-        ci = int(self._caption_idx[i])
-        cap = s.captions[ci] if ci < len(s.captions) else ""
+        si, cap = self.pair(i)
         rng = random.Random(sample_seed(self.seed, epoch, i)) if self.train else None
-        return load_item(s, cap, self.transform, rng, self.strict)
+        return load_item(self.samples[si], cap, self.transform, rng, self.strict)
 
 
 # ---------------------------------------------------------------------------- collation
@@ -162,128 +168,26 @@ class Collator:
                              "categories": parts["categories"]})
 
 
-def _identity(x):
-    return x
-
-
 # ---------------------------------------------------------------------------- training loader
-
-class _EpochBatchSampler:
-    """Batches of ``(epoch, index)`` of epoch ``epoch`` starting at batch ``start`` (drop_last)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.epoch, self.start = 0, 0
-
-    def __len__(self) -> int:
-        return max(self.n // self.batch_size - self.start, 0)
-
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        perm, B = perm.tolist(), self.batch_size
-        for b in range(self.start, self.n // B):
-            yield [(self.epoch, i) for i in perm[b * B:(b + 1) * B]]
-
-
-class _Resumable:
-    """A ``data.samplers`` batch sampler behind the loader's ``epoch`` / ``start`` interface."""
-
-    def __init__(self, dataset: "PairDataset", cfg: DataConfig):
-        from .samplers import GroupedBatchSampler, pair_metadata
-        groups, items = pair_metadata(dataset, cfg.group_by)
-        self.inner = GroupedBatchSampler(groups, items, int(cfg.batch_size), seed=int(cfg.seed),
-                                         epoch_tuples=True)
-        self.epoch, self.start = 0, 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.inner)
-
-    def __len__(self) -> int:
-        return max(len(self.inner) - self.start, 0)
-
-    def __iter__(self):
-        self.inner.load_state_dict({"epoch": self.epoch, "position": self.start})
-        for b, batch in enumerate(self.inner, start=self.start):
-            if b >= len(self.inner):
-                return
-            yield batch
-
-
-def _shuffled(stream: Iterable, rnd: random.Random, size: int) -> Iterator:
-    """Shuffle buffer; ``Skipped`` markers pass straight through."""
-    buf: list = []
-    for x in stream:
-        if isinstance(x, Skipped) or size <= 1:
-            yield x
-        elif len(buf) < size:
-            buf.append(x)
-        else:
-            j = rnd.randrange(size)
-            yield buf[j]
-            buf[j] = x
-    rnd.shuffle(buf)
-    yield from buf
-
-
-class _StreamBatches(IterableDataset):
-    """Collated batches of a streaming source for epoch ``epoch``, from batch ``start`` on.
-
-    Every worker reads the whole stream (same seeded shuffle buffer) and decodes only the batches
-    it owns: ``(b - start) % num_workers == worker_id``. The DataLoader fetches round-robin, so the
-    batch order equals the single-process order. Batches before ``start`` are skipped without
-    decoding (that is how a resume fast-forwards). ``Skipped`` markers of the source ride with
-    the batch being filled when they arrive (markers in the dropped last partial batch are lost).
-    Cost: each worker parses every shard (I/O x workers); only image decoding is split.
-    """
-
-    def __init__(self, source, transform, batch_size: int, seed: int, shuffle_buffer: int,
-                 strict: bool):
-        super().__init__()
-        self.source, self.transform, self.batch_size = source, transform, batch_size
-        self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
-        self.epoch, self.start = 0, 0
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        B = self.batch_size
-        src = self.source
-        stream = src.iter_with_skips() if hasattr(src, "iter_with_skips") else iter(src)
-        rnd = random.Random(sample_seed(self.seed, self.epoch, 0x5EED))
-        p, items = 0, []
-        for x in _shuffled(stream, rnd, self.shuffle_buffer):
-            b = p // B
-            mine = b >= self.start and (b - self.start) % nw == wid
-            if isinstance(x, Skipped):
-                if mine:
-                    items.append(x)
-                continue
-            if mine:
-                r = random.Random(sample_seed(self.seed, self.epoch, p))
-                cap = x.captions[r.randrange(len(x.captions))] if x.captions else ""
-                items.append(load_item(x, cap, self.transform, r, self.strict))
-            p += 1
-            if p % B == 0 and mine:
-                yield collate_items(items)
-                items = []
-
 
 class TrainLoader:
     """Endless iterator of training ``Batch``es with a deterministic, resumable order.
 
-    Map-style sources: epoch ``e`` visits caption pairs in ``randperm(N, seed + e)`` order,
-    ``N // batch_size`` batches (drop_last). Streaming sources (webdataset): shards are read in
-    order through a seeded shuffle buffer (``shuffle_buffer`` samples, seed from (seed, epoch));
-    one caption per sample is drawn; an epoch is one pass. A resume replays the stream and skips
-    the consumed ``position * batch_size`` samples without decoding them.
+    Map-style sources: the batch plan ``cfg.sampler`` names (``data.batching``): random (epoch ``e``
+    visits caption pairs in ``randperm(N, seed + e)`` order, ``N // batch_size`` batches, drop_last),
+    grouped or semi_hard (``update_embeddings`` feeds it). Streaming sources (webdataset, random
+    only): shards are read in order through a seeded shuffle buffer (``shuffle_buffer`` samples,
+    seed from (seed, epoch)); one caption per sample is drawn; an epoch is one pass. A resume
+    replays the stream and skips the consumed ``position * batch_size`` samples without decoding.
 
     Batches may hold fewer than ``batch_size`` rows when samples were skipped (listed in
     ``Batch.skipped`` and counted in ``self.skips``); all-skipped batches are not yielded (their
     skips ride along with the next batch). Settings come from ``cfg`` (batch_size, workers,
-    seed, augment, strict); ``transform`` overrides the default training ``ImageTransform``.
-    ``state_dict()`` -> ``{"epoch", "position"}`` (batches consumed in the epoch);
-    ``load_state_dict`` continues with exactly the next batch.
+    seed, augment, strict, sampler); ``transform`` overrides the default training ``ImageTransform``.
+    ``state_dict()`` -> ``{"epoch", "position"}`` (batches consumed in the epoch) plus, for
+    semi_hard, ``"sampler": {"kind", "used" (N,) bool, "embeddings" (N, E) or None}``;
+    ``load_state_dict`` continues with exactly the next batch. Restarting an iterator never
+    draws from the global torch RNG (the DataLoader has its own generator).
     """
 
     def __init__(self, source, tokenizer, cfg: DataConfig, image_size: int, context_length: int,
@@ -298,37 +202,70 @@ class TrainLoader:
         self._nonempty = False
         self._pending: list[tuple[str, str]] = []  # skips of dropped all-skipped batches
         self.map_style = is_map_style(source)
+        gen = torch.Generator().manual_seed(self.seed)      # iterator seeds: not the global RNG
         if self.map_style:
             self.dataset = PairDataset(source, transform, train=True, seed=self.seed, strict=cfg.strict)
             if len(self.dataset) < self.batch_size:
                 raise ValueError(f"training split has {len(self.dataset)} (image, caption) pairs, "
                                  f"fewer than data.batch_size={self.batch_size}")
-            if cfg.sampler == "grouped":
-                self._sampler = _Resumable(self.dataset, cfg)
-            else:
-                self._sampler = _EpochBatchSampler(len(self.dataset), self.batch_size, self.seed)
+            self._sampler = build_batches(self.dataset, cfg)
             self._dl = DataLoader(self.dataset, batch_sampler=self._sampler, collate_fn=collate_items,
-                                  num_workers=self.workers, persistent_workers=self.workers > 0)
+                                  num_workers=self.workers, persistent_workers=self.workers > 0,
+                                  generator=gen)
         else:
-            self.dataset = _StreamBatches(source, transform, self.batch_size, self.seed,
+            if cfg.sampler != "random":
+                raise ValueError(f"data.sampler={cfg.sampler} needs a map-style source; "
+                                 f"{type(source).__name__} streams (use data.sampler=random)")
+            self.dataset = StreamBatches(source, transform, self.batch_size, self.seed,
                                           shuffle_buffer, cfg.strict)
             # not persistent: workers must see the updated epoch/start when re-created
-            self._dl = DataLoader(self.dataset, batch_size=None, collate_fn=_identity,
-                                  num_workers=self.workers)
+            self._dl = DataLoader(self.dataset, batch_size=None, collate_fn=collate_items,
+                                  num_workers=self.workers, generator=gen)
 
     @property
     def batches_per_epoch(self) -> int | None:
-        """Batches in one epoch (None for streaming sources, where it is unknown)."""
-        if not self.map_style:
-            return None
-        return self._sampler.batches_per_epoch if isinstance(self._sampler, _Resumable) \
-            else len(self.dataset) // self.batch_size
+        """Batches in the current epoch (None for streaming sources, where it is unknown;
+        semi_hard: an upper bound until the epoch's plan is complete)."""
+        return self._sampler.epoch_length(self.epoch) if self.map_style else None
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    # ------------------------------------------------------------------ semi-hard sampler
+    @property
+    def semi_hard(self) -> SemiHardBatches | None:
+        """The semi-hard batch plan, or None for other samplers."""
+        s = getattr(self, "_sampler", None)
+        return s if isinstance(s, SemiHardBatches) else None
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def needs_refresh(self, step: int) -> bool:
+        """True when the trainer should call ``update_embeddings`` before step ``step + 1``."""
+        return self.semi_hard is not None and self.semi_hard.needs_refresh(step)
+
+    def update_embeddings(self, emb: Tensor | None) -> None:
+        """Semi-hard sampler: (N, E) embeddings, one per ``self.dataset`` entry ((image, caption)
+        pair, dataset order), used from the next batch on (the iterator restarts there)."""
+        if self.semi_hard is None:
+            raise TypeError(f"update_embeddings needs data.sampler=semi_hard, not {self.cfg.sampler!r}")
+        if emb is not None and tuple(emb.shape[:1]) != (len(self.dataset),):
+            raise ValueError(f"need one embedding per training pair: ({len(self.dataset)}, E), "
+                             f"got {tuple(emb.shape)}")
+        self._it = None
+        self.semi_hard.update(self.epoch, self.position, emb)
+
+    def sampler_stats(self) -> dict[str, float]:
+        """Semi-hard sampler numbers of the current epoch (see ``SemiHardBatches.stats``); {} else."""
+        return self.semi_hard.stats(self.epoch) if self.semi_hard is not None else {}
+
+    # ------------------------------------------------------------------ state / iteration
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "position": self.position}
+        extra = self._sampler.state(self.epoch, self.position) if self.map_style else {}
+        if extra:
+            state["sampler"] = extra
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if self.map_style:
+            self._sampler.load_state(self.epoch, self.position, state.get("sampler"))
         self._it = None
         self._nonempty = self.position > 0
 
@@ -336,8 +273,6 @@ class TrainLoader:
         return self
 
     def _start(self) -> None:
-        if self.map_style and self.position >= self.batches_per_epoch:
-            self.epoch, self.position, self._nonempty = self.epoch + 1, 0, False
         target = self._sampler if self.map_style else self.dataset
         target.epoch, target.start = self.epoch, self.position
         self._it = iter(self._dl)
@@ -348,14 +283,13 @@ class TrainLoader:
                 self._start()
             try:
                 parts = next(self._it)
-            except StopIteration:
+            except StopIteration:                           # the epoch is over
                 self._it = None
                 if not self._nonempty:
                     raise RuntimeError("a whole training epoch produced no usable sample: "
                                        + (self.skips.summary() if self.skips.total else
                                           f"the split is smaller than data.batch_size={self.batch_size}"))
-                if not self.map_style:
-                    self.epoch, self.position, self._nonempty = self.epoch + 1, 0, False
+                self.epoch, self.position, self._nonempty = self.epoch + 1, 0, False
                 continue
             self.position += 1
             if parts["skipped"]:

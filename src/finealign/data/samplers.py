@@ -255,12 +255,13 @@ class SemiHardBatchSampler(_EpochBatchSampler):
         self._reset_plan(None)
 
     # -------------------------------------------------------------- embeddings / state
-    def _set_embeddings(self, emb: Tensor | None) -> None:
+    def _set_embeddings(self, emb: Tensor | None, normalise: bool = True) -> None:
         if emb is not None:
             emb = torch.as_tensor(emb)
             if emb.dim() != 2 or emb.shape[0] != self.n:
                 raise ValueError(f"embeddings must be ({self.n}, E), got {tuple(emb.shape)}")
-            emb = torch.nn.functional.normalize(emb.detach().float(), dim=-1)
+            emb = emb.detach().float()
+            emb = torch.nn.functional.normalize(emb, dim=-1) if normalise else emb
         self.embeddings = emb
 
     def update_embeddings(self, emb: Tensor | None) -> None:
@@ -287,11 +288,11 @@ class SemiHardBatchSampler(_EpochBatchSampler):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if "embeddings" in state:
-            self._set_embeddings(state["embeddings"])
+        if "embeddings" in state:             # stored normalised: again would change the last bits
+            self._set_embeddings(state["embeddings"], normalise=False)
         k = self.position * self.num_replicas
         if state.get("used") is not None:
-            used = torch.as_tensor(state["used"]).numpy().astype(bool).reshape(-1)
+            used = torch.as_tensor(state["used"]).cpu().numpy().astype(bool).reshape(-1)
             if used.shape[0] != self.n:
                 raise ValueError(f"state has {used.shape[0]} samples, this sampler {self.n}")
             self._reset_plan(self.epoch)

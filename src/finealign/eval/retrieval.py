@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "retrieval_ranks", "topk_images"]
+__all__ = ["recall_metrics", "retrieval_metrics", "retrieval_ranks", "single_target_ranks", "topk_images"]
 
 
 def _check_inputs(image_embed: Tensor, text_embed: Tensor, text_to_image: Tensor) -> Tensor:
@@ -121,9 +121,15 @@ def retrieval_metrics(image_embed: Tensor, text_embed: Tensor, text_to_image: Te
         ``{"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"}`` (for the
         default ``ks``) as Python floats in [0, 100].
     """
+    i2t, t2i = retrieval_ranks(image_embed, text_embed, text_to_image, chunk=chunk)
+    return recall_metrics(i2t, t2i, ks)
+
+
+def recall_metrics(i2t_ranks: Tensor, t2i_ranks: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """0-based ranks ``i2t (I,)``, ``t2i (T,)`` -> ``{"i2t_r{k}", "t2i_r{k}", "mean_recall"}`` in percent."""
     if not ks:
         raise ValueError("ks must name at least one K")
-    i2t, t2i = retrieval_ranks(image_embed, text_embed, text_to_image, chunk=chunk)
+    i2t, t2i = i2t_ranks, t2i_ranks
     out: dict[str, float] = {}
     for k in ks:                                   # exact integer counts: same numbers on CPU and GPU
         out[f"i2t_r{k}"] = 100.0 * int((i2t < k).sum()) / i2t.numel()

@@ -1,7 +1,10 @@
-"""Evaluate a model on a split: retrieval, captioning and zero-shot classification.
+"""Evaluate a model on a split: retrieval, captioning, zero-shot classification and TGIR.
 
 Every task embeds / captions each *unique image* once; several captions per image count as several
-references (captioning) or several positives (retrieval).
+references (captioning) or several positives (retrieval). Fusion models (with an ``itm_head``) re-rank
+each retrieval query's ITC top ``eval.k_test`` with the ITM head (see :mod:`.rerank`): the re-ranked
+recalls are the main numbers, the ITC-only ones are kept with an ``itc_`` prefix. ``tgir`` (text-guided
+image retrieval, see :mod:`.tgir`) uses its own gallery and queries from the data source.
 """
 from __future__ import annotations
 
@@ -17,25 +20,37 @@ from ..data.skips import SkipLog
 from ..data.transforms import ImageTransform
 from .captioning import score_captions
 from .classification import build_class_embeddings, zero_shot_classify
+from .rerank import ITMScorer, can_rerank, itm_rerank_metrics
 from .retrieval import retrieval_metrics
+from .tgir import evaluate_tgir
 
 log = logging.getLogger("finealign")
-TASKS = ("retrieval", "caption", "classify")
+TASKS = ("retrieval", "caption", "classify", "tgir")
+IMAGE_TASKS = ("retrieval", "caption", "classify")     # tasks on the split's images and captions
 
 
 @torch.no_grad()
-def embed_texts(model, tokenizer, texts: Sequence[str], context_length: int, device, batch_size: int = 256):
-    out = []
+def embed_texts(model, tokenizer, texts: Sequence[str], context_length: int, device, batch_size: int = 256,
+                scorer: ITMScorer | None = None):
+    """(T, E) float text embeddings; with ``scorer``, also hands it the token features (T, L, Dt)."""
+    out, tokens, masks = [], [], []
     for i in range(0, len(texts), batch_size):
         ids, mask = tokenizer.encode_batch(list(texts[i:i + batch_size]), context_length)
-        out.append(model.encode_text(ids.to(device), mask.to(device))["embed"].float())
+        enc = model.encode_text(ids.to(device), mask.to(device))
+        out.append(enc["embed"].float())
+        if scorer is not None:
+            tokens.append(enc["tokens"])
+            masks.append(mask.to(device))
+    if scorer is not None and tokens:
+        scorer.set_texts(torch.cat(tokens), torch.cat(masks))
     return torch.cat(out) if out else torch.zeros(0, model.embed_dim, device=device)
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Sequence[str] | None = None,
              device: torch.device | str = "cpu", progress: bool = True, samples=None) -> dict:
-    """Returns ``{"retrieval": {...}, "caption": {...}, "classify": {...}, "samples": [...], "skipped": {...}}``."""
+    """Returns ``{"retrieval": {...}, "caption": {...}, "classify": {...}, "tgir": {...}, "samples": [...],
+    "skipped": {...}}`` (``num_images`` when an image task ran)."""
     tasks = list(tasks or cfg.eval.tasks)
     for t in tasks:
         if t not in TASKS:
@@ -47,18 +62,41 @@ def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Seq
     was_training = model.training
     model.eval()
     skips = SkipLog(strict=cfg.data.strict)
+    results: dict = {}
+    try:
+        if any(t in IMAGE_TASKS for t in tasks) or not tasks:
+            results.update(_image_tasks(model, tokenizer, cfg, split, tasks, device, progress, samples, skips))
+        if "tgir" in tasks:
+            results["tgir"] = evaluate_tgir(
+                model, cfg, split or cfg.data.test, device=device, progress=progress,
+                embed_text=lambda t: embed_texts(model, tokenizer, t, cfg.model.context_length, device,
+                                                 cfg.data.eval_batch_size), skips=skips)
+    finally:
+        model.train(was_training)
+    results["skipped"] = skips.to_dict()
+    return results
+
+
+def _image_tasks(model, tokenizer, cfg: Config, split, tasks, device, progress, samples, skips) -> dict:
+    """Retrieval, captioning and classification on the split's unique images."""
     if samples is None:
         samples = build_source(cfg.data, split or cfg.data.test, skips)
     if cfg.eval.max_images:
         samples = [s for _, s in zip(range(cfg.eval.max_images), samples)]
     transform = ImageTransform(cfg.model.image_size, train=False)
 
+    scorer = None
+    if "retrieval" in tasks and cfg.eval.k_test > 0 and can_rerank(model):
+        scorer = ITMScorer(model)
     image_embeds, kept, generated = [], [], []
     bar = tqdm(desc="eval", disable=not progress, unit="img", dynamic_ncols=True)
     for images, batch_samples in iter_eval_images(samples, transform, cfg.data.eval_batch_size,
                                                   cfg.data.workers, skips):
         images = images.to(device)
-        image_embeds.append(model.encode_image(images)["embed"].float())
+        enc = model.encode_image(images)
+        image_embeds.append(enc["embed"].float())
+        if scorer is not None:
+            scorer.add_images(enc)
         kept.extend(batch_samples)
         if "caption" in tasks:
             ids = model.generate(images, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
@@ -75,8 +113,14 @@ def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Seq
     results: dict = {"num_images": len(kept)}
     if "retrieval" in tasks:
         texts, text_to_image = collect_captions(kept)
-        txt = embed_texts(model, tokenizer, texts, cfg.model.context_length, device, cfg.data.eval_batch_size)
-        results["retrieval"] = retrieval_metrics(img, txt, text_to_image.to(device))
+        txt = embed_texts(model, tokenizer, texts, cfg.model.context_length, device, cfg.data.eval_batch_size,
+                          scorer=scorer)
+        if scorer is not None:
+            results["retrieval"] = itm_rerank_metrics(img, txt, text_to_image.to(device), cfg.eval.k_test,
+                                                      scorer, batch_size=cfg.data.eval_batch_size,
+                                                      progress=progress)
+        else:
+            results["retrieval"] = retrieval_metrics(img, txt, text_to_image.to(device))
         results["retrieval"]["num_texts"] = len(texts)
     if "caption" in tasks:
         refs = {i: s.captions for i, s in enumerate(kept)}
@@ -100,8 +144,6 @@ def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Seq
                                                                                device=device))
             results["classify"]["num_classes"] = len(classes)
             results["classify"]["by"] = field
-    results["skipped"] = skips.to_dict()
-    model.train(was_training)
     return results
 
 
@@ -114,11 +156,11 @@ def format_results(results: dict) -> str:
         lines.append(f"{task}")
         for k, v in results[task].items():
             if isinstance(v, float):
-                lines.append(f"  {k:<14} {v:8.2f}")
+                lines.append(f"  {k:<16} {v:8.2f}")
             elif isinstance(v, int):
-                lines.append(f"  {k:<14} {v:8d}")
+                lines.append(f"  {k:<16} {v:8d}")
             elif v is None:
-                lines.append(f"  {k:<14} {'n/a':>8}")
+                lines.append(f"  {k:<16} {'n/a':>8}")
         for note in results[task].get("notes", []):
             lines.append(f"  note: {note}")
     return "\n".join(lines)

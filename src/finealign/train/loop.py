@@ -30,6 +30,7 @@ from ..types import Batch
 from . import checkpoint as ckpt
 from .logging import MetricLogger
 from .optim import build_optimizer, build_scheduler
+from .refresh import refresh_sampler
 from .setup import build_tokenizer, build_train_loader, make_run_dir, pick_device
 
 log = logging.getLogger("finealign")
@@ -74,6 +75,7 @@ class Trainer:
                 self.loader.load_state_dict(state["loader_state"])
             log.info("resumed from %s at step %d", path, self.step)
         self.last_checkpoint: Path | None = None
+        self.refreshes = 0                                 # semi-hard sampler refreshes in this process
         self.metrics = MetricLogger(self.run_dir)
         self._stop_signal: int | None = None
 
@@ -164,11 +166,15 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
         it = iter(self.loader)
-        epoch = self.loader.state_dict().get("epoch", 0)
+        epoch = getattr(self.loader, "epoch", 0)
         t0, seen = time.perf_counter(), 0
         epoch_skips = SkipLog()
+        refreshed_at = None
         try:
             while self.step < last:
+                if refreshed_at != self.step and self.loader.needs_refresh(self.step):
+                    self.refresh_sampler()
+                    refreshed_at = self.step
                 batch = next(it)
                 self.skips.update(batch.skipped)
                 epoch_skips.update(batch.skipped)
@@ -178,7 +184,7 @@ class Trainer:
                 metrics = self.train_step(batch)
                 self.step += 1
                 seen += len(batch)
-                ep = self.loader.state_dict().get("epoch", 0)
+                ep = getattr(self.loader, "epoch", 0)
                 if ep != epoch:
                     if epoch_skips.total:
                         log.warning("epoch %d: %s", epoch, epoch_skips.summary())
@@ -212,6 +218,19 @@ class Trainer:
             log.warning("whole run: %s", self.skips.summary())
         (self.run_dir / "skipped.yaml").write_text(yaml.safe_dump(self.skips.to_dict()))
         return self.run_dir
+
+    def refresh_sampler(self) -> dict[str, float]:
+        """Re-embed the training pairs (``data.refresh_embed``) for the semi-hard sampler; the
+        embeddings apply from the next batch. Logs ``sampler/*`` metrics."""
+        d = self.cfg.data
+        res = refresh_sampler(self.model, self.loader, d.refresh_embed, tokenizer=self.tokenizer,
+                              context_length=self.cfg.model.context_length,
+                              image_size=self.cfg.model.image_size, device=self.device,
+                              batch_size=d.eval_batch_size, workers=d.workers, autocast=self.autocast,
+                              progress=self.progress)
+        self.refreshes += 1
+        self.metrics.log(self.step, res, prefix="sampler")
+        return res
 
     def evaluate_val(self) -> dict:
         from ..eval.runner import evaluate
