@@ -315,7 +315,7 @@ def add_ablate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, default=3, help="number of seeds: 0..N-1 (default 3)")
     g.add_argument("--seed-list", default=None, help="explicit comma-separated seeds, e.g. 0,5,7")
     p.add_argument("--out", default=None, help="study directory (default: runs/ablations/<name>-<time>)")
-    p.add_argument("--task", action="append", choices=["retrieval", "caption", "classify"],
+    p.add_argument("--task", action="append", choices=["retrieval", "caption", "classify", "tgir"],
                    help="eval task(s) for every recipe (repeatable; default: each recipe's eval.tasks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-resume", action="store_true", help="retrain runs that already have results")

@@ -6,6 +6,13 @@ embeddings to ``TrainLoader.update_embeddings``. It leaves every RNG (Python, nu
 the model's CUDA device) as it found it and restores the model's train / eval mode, so the
 training that follows does not depend on whether a refresh happened in this process or in the
 run a checkpoint came from.
+
+The embeddings are centred (their mean over the training set subtracted) before the sampler
+normalises them. A contrastive tower trained from scratch puts a large component common to every
+sample into its embeddings (on shapes-items after 60 steps the median cosine between two different
+captions is 0.99): raw cosines are then all above any near-duplicate bound and carry no neighbourhood
+information, while the centred ones spread around 0 (median 0.00, 31% in the default band [0.3, 0.9],
+0.3% above 0.95). Ranking among the pairs is what the sampler needs, and centring keeps it.
 """
 from __future__ import annotations
 
@@ -124,5 +131,6 @@ def refresh_sampler(model, loader, which: str, *, tokenizer, context_length: int
         model.train(was_training)
         random.setstate(py)
         np.random.set_state(npy)
-    loader.update_embeddings(emb)
+    emb = emb.float()
+    loader.update_embeddings(emb - emb.mean(dim=0, keepdim=True))              # centred (see above)
     return {"refresh_s": time.perf_counter() - t0, **loader.sampler_stats()}
