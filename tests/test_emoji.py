@@ -1,6 +1,7 @@
 """The emoji dataset builder, its captions and compositional split, and the ``emoji`` source."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -113,15 +114,16 @@ def test_build_is_deterministic(small_builds):
         assert (a / "images" / name).read_bytes() == (b / "images" / name).read_bytes()
     meta = json.loads((a / "meta.json").read_text())
     assert meta["size"] == 32 and meta["total"] == stats[0]["total"] and "emoji_version" in meta
+    assert meta["format"] == E.FORMAT == 2 and meta["unknown_groups"] == 0 and meta["emoji_data_version"]
     assert not [p for p in a.parent.iterdir() if ".tmp-" in p.name]   # temp dirs are gone
 
 
-def _category_tones(category: str) -> list[str]:
+def _phrase_tones(tone: str) -> list[str]:
     """"medium-dark and dark skin tones" -> ["medium-dark", "dark"]; "none" -> []."""
-    if category == "none":
+    if tone == "none":
         return []
-    tones = category.rsplit(" skin tone", 1)[0].replace(" and ", ", ").split(", ")
-    assert set(tones) <= set(E.TONES), category
+    tones = tone.rsplit(" skin tone", 1)[0].replace(" and ", ", ").split(", ")
+    assert set(tones) <= set(E.TONES), tone
     return tones
 
 
@@ -131,9 +133,9 @@ def test_built_split_and_rows(small_builds):
     rows = []
     for split in ("train", "val", "test"):
         for r in _read(a / f"{split}.jsonl"):
-            assert set(r) == {"image", "caption", "item_id", "label", "category", "emoji"}
+            assert set(r) == {"image", "caption", "item_id", "label", "group", "subgroup", "tone", "emoji"}
             assert (a / r["image"]).is_file() and r["caption"] == r["caption"].lower()
-            rows.append({**r, "split": split, "tones": _category_tones(r["category"])})
+            rows.append({**r, "split": split, "tones": _phrase_tones(r["tone"])})
     assert any(r["tones"] for r in rows) and any(not r["tones"] for r in rows)
     _check_split(rows)
     by_item = defaultdict(set)
@@ -183,6 +185,7 @@ def test_source_skips_malformed_rows(tmp_path):
     skips = SkipLog()
     ds = SOURCES.get("emoji")(cfg, "val", skips)
     assert [s.captions[0] for s in ds] == ["a cat", "a dog"] and [s.image_id for s in ds] == [0, 1]
+    assert (ds[0].category, ds[0].subcategory) == ("none", None)     # pre-group rows: "category" as is
     assert skips.total == 4 and skips.counts["empty caption"] == 1
     bad = [r for r in skips.counts if r.startswith("malformed jsonl row")]
     assert sum(skips.counts[r] for r in bad) == 3
@@ -196,3 +199,122 @@ def test_source_missing_dataset(tmp_path):
     cfg = DataConfig(source="emoji", root=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="finealign data build emoji --out"):
         SOURCES.get("emoji")(cfg, "train", SkipLog())
+
+
+# ------------------------------------------------------------------------------ groups / subgroups
+
+def test_group_lookup():
+    assert E.group_of("\U0001F600") == ("Smileys & Emotion", "face-smiling")                 # grinning face
+    assert E.group_of("\U0001F44D\U0001F3FD") == ("People & Body", "hand-fingers-closed")    # thumbs up, tone
+    assert E.group_of("\U0001F3C4\U0001F3FF\u200d\u2640\ufe0f") == ("People & Body", "person-sport")
+    assert E.group_of("\U0001F170\ufe0f") == E.group_of("\U0001F170") == ("Symbols", "alphanum")  # FE0F or not
+    assert E.group_of("#\ufe0f\u20e3") == ("Symbols", "keycap")                                 # 4-digit codes
+    # a tone variant missing from emoji-data's skin_variations falls back to its toneless base
+    assert E.group_of("\U0001F93C\U0001F3FF\u200d\u2642\ufe0f") == ("People & Body", "person-sport")
+    assert E.group_of("\U0010FFFF") == ("unknown", "unknown")
+    assert E.group_of("\U0001F1E8\U0001F1F6") == ("Flags", "country-flag")     # Sark: newer than the table
+    entries = E.emoji_entries()
+    known = [e for e in entries if e["group"] != E.UNKNOWN]
+    assert len(known) > 0.9 * len(entries)
+    assert {e["group"] for e in known} >= {"Smileys & Emotion", "People & Body", "Flags", "Symbols"}
+    assert "Component" not in {e["group"] for e in known}
+
+
+@needs_font
+def test_built_rows_have_groups(small_builds):
+    a, _, _ = small_builds
+    rows = [r for split in ("train", "val", "test") for r in _read(a / f"{split}.jsonl")]
+    for r in rows:
+        assert (r["group"], r["subgroup"]) == E.group_of(r["emoji"]) != ("unknown", "unknown")
+    by_label = {(r["label"], r["tone"]): r for r in rows}
+    assert (by_label[("1st place medal", "none")]["group"], by_label[("1st place medal", "none")]["subgroup"]) \
+        == ("Activities", "award-medal")
+    toned = by_label[("backhand index pointing down", "medium skin tone")]               # 👇🏽
+    assert toned["emoji"] == "\U0001F447\U0001F3FD"
+    assert (toned["group"], toned["subgroup"]) == ("People & Body", "hand-single-finger")
+    assert len({r["subgroup"] for r in rows}) >= 5
+
+
+@needs_font
+def test_source_sample_carries_group_and_subgroup(small_builds):
+    a, _, _ = small_builds
+    rows = _read(a / "train.jsonl")
+    ds = SOURCES.get("emoji")(DataConfig(source="emoji", root=str(a)), "train", SkipLog())
+    assert [(s.category, s.subcategory) for s in ds] == [(r["group"], r["subgroup"]) for r in rows]
+    assert [s.label for s in ds] == [r["label"] for r in rows]
+
+
+def test_source_reads_pre_group_rows(tmp_path):
+    """Rows written before format 2 (``category`` = tone phrase, no group/subgroup) still load."""
+    rows = [{"image": "images/00000.png", "caption": "a man with dark skin tone", "item_id": 0,
+             "label": "man", "category": "dark skin tone", "emoji": "\U0001F468\U0001F3FF"},
+            {"image": "images/00001.png", "caption": "an eagle", "item_id": 1, "label": "eagle",
+             "category": "none", "emoji": "\U0001F985"},
+            {"image": "images/00002.png", "caption": "a cat", "item_id": 2}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skips = SkipLog()
+    ds = SOURCES.get("emoji")(DataConfig(source="emoji", root=str(tmp_path)), "train", skips)
+    assert skips.total == 0
+    assert [(s.label, s.category, s.subcategory) for s in ds] == [
+        ("man", "dark skin tone", None), ("eagle", "none", None), (None, None, None)]
+
+
+def test_grouped_sampler_by_subcategory(tmp_path):
+    """data.group_by=subcategory on emoji rows (every fully-qualified emoji; images never loaded)."""
+    from finealign.data.batching import build_batches
+    from finealign.data.loader import PairDataset
+    from finealign.data.samplers import pair_metadata
+
+    entries = E.emoji_entries()
+    bases = {b: i for i, b in enumerate(sorted({e["base"] for e in entries}))}
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(
+        {"image": f"images/{k:05d}.png", "caption": e["caption"], "item_id": bases[e["base"]],
+         "label": e["base"], "group": e["group"], "subgroup": e["subgroup"], "tone": e["tone"]}) + "\n"
+        for k, e in enumerate(entries)))
+    samples = list(SOURCES.get("emoji")(DataConfig(source="emoji", root=str(tmp_path)), "train", SkipLog()))
+    ds = PairDataset(samples, transform=None, train=True)
+    groups, items = pair_metadata(ds, "subcategory")
+    assert groups == [e["subgroup"] for e in entries] and len(set(groups)) > 50
+
+    cfg = DataConfig(source="emoji", root=str(tmp_path), batch_size=16)
+    grouped = list(build_batches(ds, dataclasses.replace(cfg, sampler="grouped", group_by="subcategory")))
+    shuffled = list(build_batches(ds, cfg))
+    assert len(grouped) > 100
+    for b in grouped:
+        assert len(b) == 16 and len({items[i] for _, i in b}) == 16                # no item twice
+
+    def spans(batches):
+        return np.mean([len({groups[i] for _, i in b}) for b in batches])
+    assert spans(grouped) <= 6 < 10 < spans(shuffled)      # default: ~16 // 4 subgroups per batch
+
+
+def test_jsonl_and_shards_carry_subcategory(tmp_path):
+    """The generic ``jsonl`` source reads ``subcategory``; shards and collated batches keep it."""
+    import torch
+    from PIL import Image
+
+    from finealign.data.loader import collate_items, load_item
+    from finealign.data.sources.webdataset_source import build_webdataset, write_shards
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (4, 4), (200, 0, 0)).save(tmp_path / f"{name}.png")
+    rows = [{"images": ["a.png", "b.png"], "caption": "a red shoe", "item_id": "s1",
+             "category": "shoes", "subcategory": "sneakers"},
+            {"image": "c.png", "caption": "a bag", "category": "bags", "subcategory": 7},   # -> "7"
+            {"image": "a.png", "caption": "a red sneaker"}]                               # merged into a.png
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skips = SkipLog()
+    got = SOURCES.get("jsonl")(DataConfig(source="jsonl", root=str(tmp_path)), "train", skips)
+    assert skips.total == 0
+    assert [(s.category, s.subcategory) for s in got] == [("shoes", "sneakers"), ("shoes", "sneakers"),
+                                                          ("bags", "7")]
+    assert got[0].item_id == got[1].item_id != got[2].item_id and len(got[0].captions) == 2
+
+    write_shards(got, str(tmp_path / "shards" / "train-%06d.tar"))
+    back = list(build_webdataset(DataConfig(source="webdataset", root=str(tmp_path / "shards")), "train",
+                                 SkipLog()))
+    assert [(s.category, s.subcategory) for s in back] == [(s.category, s.subcategory) for s in got]
+
+    parts = collate_items([load_item(s, s.captions[0], lambda img, rng: torch.zeros(3, 2, 2), None)
+                           for s in got])
+    assert parts["subcategories"] == ["sneakers", "sneakers", "7"]

@@ -73,13 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _overrides(p)
 
-    p = sub.add_parser("viz", help="visualise masks")
+    p = sub.add_parser("viz", help="visualise masks or prototypes")
     vsub = p.add_subparsers(dest="viz_verb", metavar="WHAT", required=True)
     v = vsub.add_parser("masks", help="relevance map, IC-kept and TG-MIM-masked patches, reconstruction")
     v.add_argument("checkpoint")
     v.add_argument("--image", required=True, help="image file")
     v.add_argument("--text", required=True, help="caption the relevance is computed against")
     v.add_argument("--out", default="masks.png", help="PNG to write (default: masks.png)")
+    v = vsub.add_parser("prototypes", help="SemMIM: the patches closest to the most used prototypes")
+    v.add_argument("checkpoint")
+    v.add_argument("--images", required=True, help="directory of .png/.jpg images")
+    v.add_argument("--out", default="prototypes.png", help="PNG to write (default: prototypes.png)")
+    v.add_argument("--num", type=int, default=8, help="prototypes shown: the most used ones (default: 8)")
+    v.add_argument("--top", type=int, default=6, help="patches shown per prototype (default: 6)")
 
     from .ablate import add_ablate_parser
     add_ablate_parser(sub)
@@ -242,8 +248,13 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_viz(args) -> int:
-    from .analysis.viz import save_mask_figure
     from .api import load
+    if args.viz_verb == "prototypes":
+        from .analysis.viz_prototypes import save_prototype_figure
+        out = save_prototype_figure(load(args.checkpoint), args.images, args.out, args.num, args.top)
+        print(f"wrote {out}")
+        return 0
+    from .analysis.viz import save_mask_figure
     out = save_mask_figure(load(args.checkpoint), args.image, args.text, args.out)
     print(f"wrote {out}")
     return 0

@@ -50,6 +50,12 @@ class ModelConfig:
     mim_decoder_width: int = 0       # image decoder width (0 = vision_width)
     mim_decoder_heads: int = 0       # image decoder heads (0 = vision_heads)
     mim_text: bool = True            # image decoder cross-attends to the text tokens (TG-MIM); false = plain MIM
+    mim_text_from: int = 0           # first image-decoder block with text cross-attention (SemMIM text injection)
+    mim_target: str = "pixel"        # pixel: normalised pixels | semantic: the teacher's prototype distribution
+                                     # (SemMIM; fusion arch with model.prototypes > 0 and a teacher)
+    text_fused_targets: bool = False  # semantic targets from teacher patches fused with the text first
+    prototypes: int = 0              # fusion arch: K prototypes of the shared projection head (SemMIM 4096)
+    proto_dim: int = 256             # prototype head bottleneck (DINO 256)
     mlp_ratio: float = 4.0           # MLP hidden = ratio * width
     init_temperature: float = 0.07   # ITC temperature at init (logit scale = 1/τ, clamped to 100)
     grad_checkpointing: bool = False  # recompute block activations in backward
@@ -70,7 +76,8 @@ class DataConfig:
     sampler: str = "random"          # random | grouped: each batch from a few groups (data.group_by) |
                                      # semi_hard: batches of embedding neighbours in a similarity band;
                                      # grouped/semi_hard never put two samples of one item in a batch
-    group_by: str = "category"       # grouped sampler: Sample field that defines groups (category, label, item_id)
+    group_by: str = "category"       # grouped sampler: Sample field: category, subcategory, label, item_id
+    views: int = 1                   # 2: a second augmented view of every training image (batch.images2)
     semi_hard_band: list[float] = field(default_factory=lambda: [0.3, 0.9])  # preferred similarity to the batch
     semi_hard_upper: float = 0.95    # above it two samples are near-duplicates: never in one batch
     refresh_every: int = 100         # semi_hard: re-embed the training set with the current model every N steps
@@ -93,7 +100,8 @@ class TokenizerConfig:
 @dataclass
 class MaskingConfig:
     """Which patches each head sees. A masker spec is {type: random|attentive, mask_ratio: r, mask: most|least}."""
-    relevance: str = "max"           # patch-text relevance: max | mean of cosine over the real text tokens
+    relevance: str = "max"           # patch-text relevance: max | mean of cosine over the real text tokens |
+                                     # attention: the (teacher's) fusion cross-attention summed over words
     ic: dict[str, Any] = field(default_factory=dict)   # caption path: masked patches are dropped ({} = all)
     mlm: dict[str, Any] = field(default_factory=dict)  # words masked for MLM: {prob: 0.15} (BERT 80/10/10)
     mim: dict[str, Any] = field(default_factory=dict)  # image decoder: masked patches are reconstructed
@@ -135,7 +143,7 @@ class EvalConfig:
     max_new_tokens: int = 20
     max_images: int = 0              # cap on evaluated images (0 = all)
     templates: list[str] = field(default_factory=lambda: ["{}", "a picture of {}", "an image of {}"])
-    classify_by: str = "label"       # zero-shot classes: the samples' label, or category (category recognition)
+    classify_by: str = "label"       # zero-shot classes: the samples' label, category or subcategory
     k_test: int = 16                 # fusion models: re-rank each query's ITC top-k with the ITM head (0 = off)
 
 
@@ -322,15 +330,27 @@ def validate(cfg: Config) -> None:
     unknown = set(cfg.masking.mlm) - {"prob"}
     if unknown:
         raise ConfigError(f"masking.mlm: unknown option(s) {sorted(unknown)}; valid: ['prob']")
-    if cfg.masking.relevance not in ("max", "mean"):
-        raise ConfigError(f"masking.relevance must be max or mean, got {cfg.masking.relevance!r}")
+    if cfg.masking.relevance not in ("max", "mean", "attention"):
+        raise ConfigError(f"masking.relevance must be max, mean or attention, got {cfg.masking.relevance!r}")
+    if cfg.masking.relevance == "attention" and cfg.model.arch != "fusion":
+        raise ConfigError("masking.relevance=attention reads fusion cross-attention: needs model.arch: fusion")
+    m = cfg.model
+    if m.mim_target not in ("pixel", "semantic"):
+        raise ConfigError(f"model.mim_target must be pixel or semantic, got {m.mim_target!r}")
+    if m.mim_target == "semantic" and not (m.arch == "fusion" and m.prototypes > 0 and m.momentum > 0):
+        raise ConfigError("model.mim_target=semantic needs model.arch: fusion, model.prototypes > 0 and "
+                          "model.momentum > 0 (targets come from the teacher's prototype head)")
+    if m.prototypes and m.arch != "fusion":
+        raise ConfigError("model.prototypes needs model.arch: fusion")
+    if cfg.data.views not in (1, 2):
+        raise ConfigError(f"data.views must be 1 or 2, got {cfg.data.views}")
     if cfg.model.mim_decoder_layers > 0 and not (cfg.masking.mim or cfg.masking.sync):
         raise ConfigError("model.mim_decoder_layers > 0 needs a masker for it: set masking.mim "
                           "(e.g. {type: random, mask_ratio: 0.5})")
     if cfg.masking.mim and cfg.model.mim_decoder_layers == 0:
         raise ConfigError("masking.mim is set but the model has no image decoder (model.mim_decoder_layers = 0)")
-    if cfg.eval.classify_by not in ("label", "category"):
-        raise ConfigError(f"eval.classify_by must be label or category, got {cfg.eval.classify_by!r}")
+    if cfg.eval.classify_by not in ("label", "category", "subcategory"):
+        raise ConfigError(f"eval.classify_by must be label, category or subcategory, got {cfg.eval.classify_by!r}")
     if cfg.data.sampler not in ("random", "grouped", "semi_hard"):
         raise ConfigError(f"data.sampler must be random, grouped or semi_hard, got {cfg.data.sampler!r}")
     d = cfg.data

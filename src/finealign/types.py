@@ -28,7 +28,8 @@ class Sample:
     image_id: int = -1                # index of the image within its split (retrieval ground truth)
     item_id: int = -1                 # item / group id (several images of one item share it)
     label: str | None = None          # class name for zero-shot classification, if any
-    category: str | None = None
+    category: str | None = None       # coarse group (e.g. emoji group "People & Body")
+    subcategory: str | None = None    # finer group within the category (e.g. "person-sport")
     regions: list[Region] = field(default_factory=list)
     source: str = ""                  # "file:line" or shard member, for error messages
 
@@ -44,6 +45,7 @@ class Batch:
     keys: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (reason, key) dropped by collate
     extras: dict[str, Any] = field(default_factory=dict)           # e.g. regions, labels
+    images2: Tensor | None = None     # (B, 3, H, W) a second augmented view of each image (data.views=2)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -60,7 +62,9 @@ class Batch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, Tensor) or (isinstance(v, list) and f.name != "skipped"):
+            if v is None:
+                out[f.name] = None
+            elif isinstance(v, Tensor) or (isinstance(v, list) and f.name != "skipped"):
                 out[f.name] = v[start:stop]
             elif f.name == "skipped":
                 out[f.name] = v if start == 0 else []

@@ -3,6 +3,8 @@
 * ``build_source(cfg, split, skips)``: registered source + deterministic ``cfg.fraction`` subset.
 * ``PairDataset``: map-style (image, caption) pairs; bad samples come back as ``Skipped``.
 * ``collate_items`` / ``Collator``: items -> ``Batch`` (tokenisation happens in the main process).
+  With ``data.views: 2`` the training transform is a ``TwoViewTransform``: an item's ``image`` is
+  a pair of views (decoded once, transformed twice) and the batch gets ``images2``.
 * ``TrainLoader``: endless, deterministic, resumable batch iterator (map-style or streaming);
   the batch orders themselves (random / grouped / semi_hard, streaming) live in ``batching.py``.
 * ``iter_eval_images`` / ``collect_captions``: unique images and all captions of an eval split.
@@ -31,7 +33,7 @@ from ..types import Batch, Sample
 from .batching import SemiHardBatches, StreamBatches, build_batches
 from .skips import BadSampleError, SkipLog
 from .sources.common import Skipped, classify_error, load_item, sample_seed
-from .transforms import ImageTransform
+from .transforms import ImageTransform, TwoViewTransform
 
 __all__ = ["BadSampleError", "Collator", "PairDataset", "Skipped", "TrainLoader", "apply_fraction",
            "build_source", "classify_error", "collate_items", "collect_captions",
@@ -127,10 +129,16 @@ class PairDataset(Dataset):
 # ---------------------------------------------------------------------------- collation
 
 def collate_items(items: Sequence[dict | Skipped]) -> dict:
-    """Items -> dict of stacked images and lists (no tokenisation; safe in workers)."""
+    """Items -> dict of stacked images and lists (no tokenisation; safe in workers).
+
+    Items whose ``image`` is a ``(view1, view2)`` pair (``TwoViewTransform``) give ``images``
+    (view 1) and ``images2`` (view 2); otherwise ``images2`` is None."""
     good = [x for x in items if not isinstance(x, Skipped)]
+    two = bool(good) and isinstance(good[0]["image"], (tuple, list))
+    first = [g["image"][0] if two else g["image"] for g in good]
     return {
-        "images": torch.stack([g["image"] for g in good]) if good else None,   # (B, 3, S, S)
+        "images": torch.stack(first) if good else None,                      # (B, 3, S, S)
+        "images2": torch.stack([g["image"][1] for g in good]) if two else None,   # (B, 3, S, S)
         "captions": [g["caption"] for g in good],
         "image_ids": torch.tensor([g["image_id"] for g in good], dtype=torch.long),   # (B,)
         "item_ids": torch.tensor([g["item_id"] for g in good], dtype=torch.long),     # (B,)
@@ -138,6 +146,7 @@ def collate_items(items: Sequence[dict | Skipped]) -> dict:
         "regions": [g["regions"] for g in good],
         "labels": [g["label"] for g in good],
         "categories": [g["category"] for g in good],
+        "subcategories": [g.get("subcategory") for g in good],
         "skipped": [(x.reason, x.key) for x in items if isinstance(x, Skipped)],
     }
 
@@ -163,9 +172,10 @@ class Collator:
             images = torch.zeros((0, 3, s, s))
         return Batch(images=images, text=text, text_mask=mask, image_ids=parts["image_ids"],
                      item_ids=parts["item_ids"], captions=parts["captions"], keys=parts["keys"],
-                     skipped=parts["skipped"],
+                     skipped=parts["skipped"], images2=parts.get("images2"),
                      extras={"regions": parts["regions"], "labels": parts["labels"],
-                             "categories": parts["categories"]})
+                             "categories": parts["categories"],
+                             "subcategories": parts.get("subcategories", [None] * len(parts["captions"]))})
 
 
 # ---------------------------------------------------------------------------- training loader
@@ -183,7 +193,8 @@ class TrainLoader:
     Batches may hold fewer than ``batch_size`` rows when samples were skipped (listed in
     ``Batch.skipped`` and counted in ``self.skips``); all-skipped batches are not yielded (their
     skips ride along with the next batch). Settings come from ``cfg`` (batch_size, workers,
-    seed, augment, strict, sampler); ``transform`` overrides the default training ``ImageTransform``.
+    seed, augment, strict, sampler, views); ``transform`` overrides the default training
+    ``ImageTransform``; with ``views: 2`` it is wrapped in a ``TwoViewTransform`` (``Batch.images2``).
     ``state_dict()`` -> ``{"epoch", "position"}`` (batches consumed in the epoch) plus, for
     semi_hard, ``"sampler": {"kind", "used" (N,) bool, "embeddings" (N, E) or None}``;
     ``load_state_dict`` continues with exactly the next batch. Restarting an iterator never
@@ -196,6 +207,11 @@ class TrainLoader:
         self.collator = Collator(tokenizer, context_length, image_size)
         self.batch_size, self.seed, self.workers = int(cfg.batch_size), int(cfg.seed), int(cfg.workers)
         transform = transform or ImageTransform(image_size, train=True, augment=cfg.augment)
+        self.views = int(getattr(cfg, "views", 1))
+        if self.views not in (1, 2):
+            raise ValueError(f"data.views must be 1 or 2, got {self.views}")
+        if self.views == 2:
+            transform = TwoViewTransform(transform)
         self.skips = skips if skips is not None else SkipLog(strict=cfg.strict)
         self.epoch, self.position = 0, 0
         self._it: Iterator | None = None

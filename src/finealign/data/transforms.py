@@ -10,6 +10,10 @@
 * Randomness never comes from global state: ``__call__`` takes ``rng`` (a ``random.Random``, a
   ``torch.Generator`` or an int seed). The loader derives that seed from (seed, epoch, index), so
   augmentations are reproducible across resumes and independent of the number of workers.
+* ``TwoViewTransform(base)`` (``data.views: 2``): one decoded image -> ``(view1, view2)``, ``base``
+  applied twice with independent draws of the same per-sample generator (view 1 is exactly the
+  ``views: 1`` image; view 2 continues that generator), so both stay reproducible per
+  (seed, epoch, sample). Without randomness (eval / ``augment: false``) the views are equal.
 * ``denormalize(x)`` undoes the normalisation for visualisation.
 """
 from __future__ import annotations
@@ -208,6 +212,33 @@ class ImageTransform:
             x = _brightness(x, b) if order else _contrast(x, c)
             x = _contrast(x, c) if order else _brightness(x, b)
         return normalize(x)                                            # (3, S, S)
+
+
+class TwoViewTransform:
+    """Image -> ``(view1, view2)``: ``base`` applied twice to the same (already decoded) image.
+
+    ``rng`` is normalised once to a ``random.Random``; view 1 consumes it exactly as ``base``
+    alone would (so view 1 equals the single-view image), view 2 continues the same generator
+    (an independent, deterministic draw). If ``base`` is not random, view 2 is a copy of view 1.
+    Picklable (DataLoader workers).
+    """
+
+    def __init__(self, base):
+        self.base = base
+
+    @property
+    def random(self) -> bool:
+        return bool(getattr(self.base, "random", True))
+
+    def __repr__(self) -> str:
+        return f"TwoViewTransform({self.base!r})"
+
+    def __call__(self, img: Image.Image, rng: RngLike = None) -> tuple[Tensor, Tensor]:
+        if not self.random:
+            x = self.base(img, rng)                                    # (3, S, S)
+            return x, x.clone()
+        rnd = _as_random(rng)
+        return self.base(img, rnd), self.base(img, rnd)                # 2 x (3, S, S)
 
 
 def _brightness(x: Tensor, factor: float) -> Tensor:

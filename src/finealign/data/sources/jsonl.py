@@ -4,7 +4,7 @@ Recognised keys (``cfg.image_key`` / ``cfg.caption_key`` are tried first)::
 
     {"image": "imgs/a.png",                  # or cfg.image_key; or "images": [paths] (multi-image item)
      "caption": "a red circle",              # or cfg.caption_key; or "captions": [...]
-     "item_id": 7, "label": "circle", "category": "shape",                     # optional
+     "item_id": 7, "label": "circle", "category": "shape", "subcategory": "round",   # optional
      "regions": [{"box": [x0, y0, x1, y1], "phrase": "red circle", "image": 0}]}  # optional
 
 A multi-image item yields one ``Sample`` per image; they share the captions and ``item_id``.
@@ -139,7 +139,8 @@ def read_jsonl(path: Path, cfg: DataConfig, skips: SkipLog) -> list[Sample]:
                 cands = image_candidates(p, path, rdir)
                 grouper.add(cands[0], LazyImage(*cands), caps, source=where, item_id=item,
                             label=_opt_str(obj.get("label")),
-                            category=_opt_str(obj.get("category")), regions=regs)
+                            category=_opt_str(obj.get("category")),
+                            subcategory=_opt_str(obj.get("subcategory")), regions=regs)
     return grouper.samples
 
 

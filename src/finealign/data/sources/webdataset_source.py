@@ -2,7 +2,7 @@
 
 Each sample is a group of members sharing a key: ``KEY.jpg|jpeg|png|webp`` plus ``KEY.txt``
 (the caption) and/or ``KEY.json`` (``{"caption": ..., "captions": [...], "item_id", "label",
-"category", "regions": [{"box", "phrase"}]}``). The split value is a shard pattern such as
+"category", "subcategory", "regions": [{"box", "phrase"}]}``). The split value is a shard pattern such as
 ``shards/train-{000000..000009}.tar`` (braces expanded), relative to ``cfg.root``; a directory
 (all ``*.tar`` inside) or a bare name (``train`` -> ``root/train-*.tar`` / ``root/train/*.tar``)
 also works.
@@ -135,6 +135,8 @@ class WebDatasetSource(IterableDataset):
                          image_id=n, item_id=int(item) if isinstance(item, int) else n,
                          label=None if meta.get("label") is None else str(meta["label"]),
                          category=None if meta.get("category") is None else str(meta["category"]),
+                         subcategory=(None if meta.get("subcategory") is None
+                                      else str(meta["subcategory"])),
                          regions=_regions(meta), source=where)
             n += 1
         while handler.errors:
@@ -167,7 +169,7 @@ def write_shards(samples: Iterable[Sample], pattern: str, maxcount: int = 1000,
 
     ``pattern`` is a printf pattern (``out/train-%06d.tar``). Each sample becomes
     ``KEY.<png|jpg>`` + ``KEY.txt`` (first caption) + ``KEY.json`` (all captions, ids, label,
-    category, regions, original key). Samples whose image cannot be loaded are skipped
+    category, subcategory, regions, original key). Samples whose image cannot be loaded are skipped
     (``skips`` counts them as "unreadable image"; without ``skips`` the error is raised).
     """
     if "%" not in pattern:
@@ -189,7 +191,7 @@ def write_shards(samples: Iterable[Sample], pattern: str, maxcount: int = 1000,
                 continue
             meta = {"caption": s.captions[0] if s.captions else "", "captions": list(s.captions),
                     "item_id": s.item_id, "image_id": s.image_id, "label": s.label,
-                    "category": s.category, "key": s.key,
+                    "category": s.category, "subcategory": s.subcategory, "key": s.key,
                     "regions": [{"box": list(r.box), "phrase": r.phrase} for r in s.regions]}
             sink.write({"__key__": f"{i:09d}", ext: buf.getvalue(),
                         "txt": meta["caption"], "json": json.dumps(meta).encode("utf-8")})
