@@ -122,3 +122,21 @@ def test_dual_encoder_is_not_reranked(shapes_setup):
     assert not can_rerank(model)
     res = evaluate(model, tok, cfg, split="test", tasks=["retrieval"], progress=False)["retrieval"]
     assert "k_test" not in res and not any(k.startswith("itc_") for k in res)
+
+
+def test_item_level_retrieval_counts_every_view_of_the_item():
+    """Two items x two views, one shared caption per item (fashion data): image-level retrieval calls the
+    other view wrong (and, with the tied identical captions, ranks every view's own caption behind the
+    other one), item-level retrieval accepts any view of the item."""
+    from finealign.eval.retrieval import retrieval_metrics
+    img = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]]), dim=-1)
+    txt = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), dim=-1)
+    t2i = torch.tensor([0, 1, 2, 3])
+    by_image = retrieval_metrics(img, txt, t2i, ks=(1,))
+    assert by_image["i2t_r1"] == 0.0 and by_image["t2i_r1"] == 0.0          # ties count against
+    by_item = retrieval_metrics(img, txt, t2i, ks=(1,), image_groups=torch.tensor([7, 7, 9, 9]))
+    assert by_item["i2t_r1"] == 100.0 and by_item["t2i_r1"] == 100.0
+    # ITM re-ranking uses the same labels: a scorer that prefers the right item keeps R@1 at 100
+    score = lambda i, t: (img[i] * txt[t]).sum(-1)
+    re = itm_rerank_metrics(img, txt, t2i, 2, score, ks=(1,), image_groups=torch.tensor([7, 7, 9, 9]))
+    assert re["i2t_r1"] == 100.0 and re["t2i_r1"] == 100.0

@@ -51,6 +51,8 @@ class ModelConfig:
     mim_decoder_heads: int = 0       # image decoder heads (0 = vision_heads)
     mim_text: bool = True            # image decoder cross-attends to the text tokens (TG-MIM); false = plain MIM
     mim_text_from: int = 0           # first image-decoder block with text cross-attention (SemMIM text injection)
+    mim_inject: bool = True          # the student's MIM decoder reads the text; false = SemMIM's "no text
+                                     # injection" ablation (cross-attention gated off; a teacher still uses it)
     mim_target: str = "pixel"        # pixel: normalised pixels | semantic: the teacher's prototype distribution
                                      # (SemMIM; fusion arch with model.prototypes > 0 and a teacher)
     text_fused_targets: bool = False  # semantic targets from teacher patches fused with the text first
@@ -144,6 +146,8 @@ class EvalConfig:
     max_images: int = 0              # cap on evaluated images (0 = all)
     templates: list[str] = field(default_factory=lambda: ["{}", "a picture of {}", "an image of {}"])
     classify_by: str = "label"       # zero-shot classes: the samples' label, category or subcategory
+    retrieval_by: str = "image"      # image: a caption matches its own image | item: any image of its item
+                                     # (multi-view fashion data: several images share one description)
     k_test: int = 16                 # fusion models: re-rank each query's ITC top-k with the ITM head (0 = off)
 
 
@@ -340,6 +344,10 @@ def validate(cfg: Config) -> None:
     if m.mim_target == "semantic" and not (m.arch == "fusion" and m.prototypes > 0 and m.momentum > 0):
         raise ConfigError("model.mim_target=semantic needs model.arch: fusion, model.prototypes > 0 and "
                           "model.momentum > 0 (targets come from the teacher's prototype head)")
+    if m.mim_target == "semantic" and any(float(cfg.objectives.get(k, {}).get("weight", 1.0)) != 0
+                                          for k in ("mim", "tg_mim") if k in cfg.objectives):
+        raise ConfigError("model.mim_target=semantic predicts prototype logits: use objectives.semantic_mim, "
+                          "not the pixel objectives mim / tg_mim")
     if m.prototypes and m.arch != "fusion":
         raise ConfigError("model.prototypes needs model.arch: fusion")
     if cfg.data.views not in (1, 2):
@@ -374,6 +382,8 @@ def validate(cfg: Config) -> None:
     if cfg.model.queue_size < 0 or (cfg.model.queue_size and not cfg.model.momentum):
         raise ConfigError(f"model.queue_size ({cfg.model.queue_size}) needs model.momentum > 0 "
                           f"(the queue holds the teacher's embeddings); 0 = no queue")
+    if cfg.eval.retrieval_by not in ("image", "item"):
+        raise ConfigError(f"eval.retrieval_by must be image or item, got {cfg.eval.retrieval_by!r}")
     if cfg.eval.k_test < 0:
         raise ConfigError(f"eval.k_test must be >= 0 (0 = no ITM re-ranking), got {cfg.eval.k_test}")
     if not 0.0 < cfg.data.fraction <= 1.0:

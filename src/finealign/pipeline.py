@@ -66,8 +66,11 @@ class Pipeline:
             return self.model.heads(feats, batch, words, needs=self.needs)
         patches = feats.image_tokens                                            # (B, N, Dv)
         if self.needs_relevance:
-            rel = self.model.patch_text_relevance(patches, feats.text_tokens, batch.text_mask,
-                                                  self.relevance_reduce)        # (B, N), no grad
+            if self.relevance_reduce == "attention":     # (teacher's) fusion text->patch attention, over words
+                rel = self.model.cross_attention(feats, batch).sum(1)             # (B, N), no grad
+            else:
+                rel = self.model.patch_text_relevance(patches, feats.text_tokens, batch.text_mask,
+                                                      self.relevance_reduce)    # (B, N), no grad
         else:
             rel = torch.zeros(patches.shape[:2], device=patches.device)
         masks = {role: m(rel) for role, m in self.maskers.items()}

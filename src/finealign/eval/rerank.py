@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .retrieval import _check_inputs, recall_metrics, retrieval_ranks, topk_images
+from .retrieval import _check_inputs, recall_metrics, retrieval_labels, retrieval_ranks, topk_images
 
 __all__ = ["ITMScorer", "can_rerank", "itm_rerank_metrics", "rerank_ranks", "score_topk"]
 
@@ -98,7 +98,8 @@ def rerank_ranks(itc_ranks: Tensor, topk: Tensor, scores: Tensor, query_label: T
 @torch.no_grad()
 def itm_rerank_metrics(image_embed: Tensor, text_embed: Tensor, text_to_image: Tensor, k: int,
                        score_pairs: PairScorer | None, ks: Sequence[int] = (1, 5, 10), batch_size: int = 256,
-                       chunk: int = 1024, progress: bool = False) -> dict[str, float]:
+                       chunk: int = 1024, progress: bool = False,
+                       image_groups: Tensor | None = None) -> dict[str, float]:
     """Recall@K with ITM re-ranking of the ITC top-``k``, plus the ITC-only recalls.
 
     Args:
@@ -113,24 +114,24 @@ def itm_rerank_metrics(image_embed: Tensor, text_embed: Tensor, text_to_image: T
     """
     if k < 0:
         raise ValueError(f"k must be >= 0 (0 = no re-ranking), got {k}")
-    i2t_itc, t2i_itc = retrieval_ranks(image_embed, text_embed, text_to_image, chunk=chunk)
+    i2t_itc, t2i_itc = retrieval_ranks(image_embed, text_embed, text_to_image, chunk=chunk,
+                                       image_groups=image_groups)
     itc = recall_metrics(i2t_itc, t2i_itc, ks)
     if k == 0:
         return itc
     if score_pairs is None:
         raise ValueError("itm_rerank_metrics with k > 0 needs score_pairs")
     t2i = _check_inputs(image_embed, text_embed, text_to_image)
-    n_img = image_embed.shape[0]
-    images = torch.arange(n_img, device=t2i.device)
+    g_img, g_txt = retrieval_labels(t2i, image_embed.shape[0], image_groups)    # match iff labels equal
 
     # text queries over images: query q is text q, candidate c is image c
     top_t = topk_images(image_embed, text_embed, k, chunk)                            # (T, k)
     s_t = score_topk(top_t, lambda q, c: score_pairs(c, q), batch_size, progress, "itm t2i")
-    t2i_ranks = rerank_ranks(t2i_itc, top_t, s_t, t2i, images)
+    t2i_ranks = rerank_ranks(t2i_itc, top_t, s_t, g_txt, g_img)
     # image queries over texts: query q is image q, candidate c is text c
     top_i = topk_images(text_embed, image_embed, k, chunk)                            # (I, k)
     s_i = score_topk(top_i, score_pairs, batch_size, progress, "itm i2t")
-    i2t_ranks = rerank_ranks(i2t_itc, top_i, s_i, images, t2i)
+    i2t_ranks = rerank_ranks(i2t_itc, top_i, s_i, g_img, g_txt)
 
     out: dict = recall_metrics(i2t_ranks, t2i_ranks, ks)
     out.update({f"itc_{name}": v for name, v in itc.items()})

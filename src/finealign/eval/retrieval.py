@@ -9,6 +9,9 @@ Conventions
 * **image -> text**: image ``i`` is a hit at K if ANY of its captions is among its top-K texts.
   Its rank is the rank of its best-scoring (first correct) caption.
 * **text -> image**: caption ``t`` is a hit at K if its image is among its top-K images.
+* ``image_groups`` (I,) (optional, e.g. item ids of multi-view fashion data where several images share
+  one description): every image of the caption's group is correct, and every caption of the image's
+  group — item-level retrieval. Default: each image is its own group (the usual image-level protocol).
 * **Ties are resolved pessimistically**: the rank of the first correct item is the number of
   *wrong* items whose score is ``>=`` that item's score (0 = retrieved first). A wrong item tied
   with the correct one is therefore ranked ahead of it, so a degenerate model that outputs constant
@@ -27,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["recall_metrics", "retrieval_metrics", "retrieval_ranks", "single_target_ranks", "topk_images"]
+__all__ = ["label_ranks", "retrieval_labels", "recall_metrics", "retrieval_metrics", "retrieval_ranks", "single_target_ranks", "topk_images"]
 
 
 def _check_inputs(image_embed: Tensor, text_embed: Tensor, text_to_image: Tensor) -> Tensor:
@@ -59,7 +62,7 @@ def _as_float(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def retrieval_ranks(image_embed: Tensor, text_embed: Tensor, text_to_image: Tensor,
-                    chunk: int = 1024) -> tuple[Tensor, Tensor]:
+                    chunk: int = 1024, image_groups: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """0-based rank of the first correct item, ties pessimistic (see module docstring).
 
     Args:
@@ -67,6 +70,7 @@ def retrieval_ranks(image_embed: Tensor, text_embed: Tensor, text_to_image: Tens
         text_embed: (T, E) caption embeddings.
         text_to_image: (T,) long, image index of every caption.
         chunk: rows of the similarity matrix scored at once.
+        image_groups: (I,) long group (item) of every image, or None (each image its own group).
     Returns:
         ``(i2t_ranks (I,), t2i_ranks (T,))`` long tensors on the embeddings' device.
     """
@@ -74,22 +78,37 @@ def retrieval_ranks(image_embed: Tensor, text_embed: Tensor, text_to_image: Tens
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     t2i = _check_inputs(image_embed, text_embed, text_to_image)
     img, txt = _as_float(image_embed), _as_float(text_embed)
-    n_img = img.shape[0]
+    g_img, g_txt = retrieval_labels(t2i, img.shape[0], image_groups)
+    return label_ranks(img, txt, g_img, g_txt, chunk), label_ranks(txt, img, g_txt, g_img, chunk)
 
-    # image -> text: rows are images
-    i2t_ranks = torch.empty(n_img, dtype=torch.long, device=img.device)
-    for start in range(0, n_img, chunk):
-        stop = min(start + chunk, n_img)
-        sims = img[start:stop] @ txt.T                                           # (c, T)
-        rows = torch.arange(start, stop, device=img.device)
-        correct = t2i[None, :] == rows[:, None]                                  # (c, T) bool
+
+def retrieval_labels(text_to_image: Tensor, num_images: int, image_groups: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """(image labels (I,), text labels (T,)): an image and a caption match iff their labels are equal."""
+    device = text_to_image.device
+    if image_groups is None:
+        g = torch.arange(num_images, device=device)
+    else:
+        g = torch.as_tensor(image_groups, device=device).long()
+        if g.shape != (num_images,):
+            raise ValueError(f"image_groups must have shape ({num_images},), got {tuple(g.shape)}")
+    return g, g[text_to_image]
+
+
+def label_ranks(queries: Tensor, keys: Tensor, query_label: Tensor, key_label: Tensor,
+                chunk: int = 1024) -> Tensor:
+    """queries (Q, E), keys (K, E); key k is correct for query q iff key_label[k] == query_label[q] ->
+    (Q,) long: how many wrong keys score >= the best correct one (0 = top-1; ties count against)."""
+    ranks = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
+    for start in range(0, queries.shape[0], chunk):
+        stop = min(start + chunk, queries.shape[0])
+        sims = queries[start:stop] @ keys.T                                      # (c, K)
+        correct = key_label[None, :] == query_label[start:stop, None]            # (c, K) bool
         best = sims.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)  # (c, 1)
-        sims.masked_fill_(correct, float("-inf"))                                # wrong texts only
-        i2t_ranks[start:stop] = (sims >= best).sum(dim=1)
+        sims.masked_fill_(correct, float("-inf"))                                # wrong keys only
+        ranks[start:stop] = (sims >= best).sum(dim=1)
         del sims, correct
-
-    # text -> image: rows are captions, one correct image each
-    return i2t_ranks, single_target_ranks(txt, img, t2i, chunk)
+    return ranks
 
 
 def single_target_ranks(queries: Tensor, keys: Tensor, target: Tensor, chunk: int = 1024) -> Tensor:
@@ -108,7 +127,8 @@ def single_target_ranks(queries: Tensor, keys: Tensor, target: Tensor, chunk: in
 
 
 def retrieval_metrics(image_embed: Tensor, text_embed: Tensor, text_to_image: Tensor,
-                      ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
+                      ks: Sequence[int] = (1, 5, 10), chunk: int = 1024,
+                      image_groups: Tensor | None = None) -> dict[str, float]:
     """Recall@K in both directions, in percent.
 
     Args:
@@ -117,11 +137,12 @@ def retrieval_metrics(image_embed: Tensor, text_embed: Tensor, text_to_image: Te
         text_to_image: (T,) long, index into ``image_embed`` of each caption's image.
         ks: the K values to report.
         chunk: rows of the similarity matrix materialised at once (memory ~ chunk x max(I, T)).
+        image_groups: (I,) long, optional item of every image (item-level retrieval, see above).
     Returns:
         ``{"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"}`` (for the
         default ``ks``) as Python floats in [0, 100].
     """
-    i2t, t2i = retrieval_ranks(image_embed, text_embed, text_to_image, chunk=chunk)
+    i2t, t2i = retrieval_ranks(image_embed, text_embed, text_to_image, chunk=chunk, image_groups=image_groups)
     return recall_metrics(i2t, t2i, ks)
 
 

@@ -115,12 +115,17 @@ def _image_tasks(model, tokenizer, cfg: Config, split, tasks, device, progress, 
         texts, text_to_image = collect_captions(kept)
         txt = embed_texts(model, tokenizer, texts, cfg.model.context_length, device, cfg.data.eval_batch_size,
                           scorer=scorer)
+        groups = None
+        if cfg.eval.retrieval_by == "item":     # several views of one item share its description
+            groups = torch.tensor([s.item_id if s.item_id >= 0 else -(i + 1) for i, s in enumerate(kept)],
+                                  device=device)
         if scorer is not None:
             results["retrieval"] = itm_rerank_metrics(img, txt, text_to_image.to(device), cfg.eval.k_test,
                                                       scorer, batch_size=cfg.data.eval_batch_size,
-                                                      progress=progress)
+                                                      progress=progress, image_groups=groups)
         else:
-            results["retrieval"] = retrieval_metrics(img, txt, text_to_image.to(device))
+            results["retrieval"] = retrieval_metrics(img, txt, text_to_image.to(device), image_groups=groups)
+        results["retrieval"]["by"] = cfg.eval.retrieval_by
         results["retrieval"]["num_texts"] = len(texts)
     if "caption" in tasks:
         refs = {i: s.captions for i, s in enumerate(kept)}

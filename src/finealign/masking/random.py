@@ -18,8 +18,12 @@ class RandomMasker(Masker):
 
     uses_relevance = False
 
-    def __init__(self, mask_ratio: float = 0.5):
+    def __init__(self, mask_ratio: float = 0.5, mask: str = "most"):
+        # ``mask`` (most | least) has no meaning for random masks; it is accepted so that a recipe can turn
+        # an inherited attentive masker into a random one by overriding ``type`` alone (ablations)
         super().__init__(mask_ratio)
+        if mask not in ("most", "least"):
+            raise ValueError(f"mask must be 'most' or 'least', got {mask!r}")
 
     def __call__(self, relevance: Tensor, generator: torch.Generator | None = None) -> MaskIndices:
         B, N = relevance.shape

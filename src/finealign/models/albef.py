@@ -8,6 +8,11 @@
             -> ImageDecoder cross-attending to the fused text tokens -> pixels of the masked patches.
             MLM and MIM share that one fused pass: with masks["mim"] the MLM words are predicted from the
             masked image too (SyncMask: masked words and the patches they describe are hidden together).
+    SemMIM (prototypes > 0): a prototype head shared by global and patch tokens. mim_target=semantic:
+            the decoder's outputs go through it (student logits at the masked patches) and the teacher
+            gives its logits of the same patches from the whole image (text_fused_targets: after its own
+            decoder blocks fused them with the teacher-fused text). Agreement: both views' cls tokens
+            through the head, student and teacher (needs batch.images2).
 
 Two stages like every finealign model: ``encode(batch)`` (both towers) and ``heads(feats, batch,
 masks, needs)``. ``needs`` is the set of features the active objectives read, so a head whose
@@ -28,6 +33,7 @@ from ..config import ModelConfig
 from ..types import Batch, Features
 from .fusion import FusionEncoder, ITMHead, MLMHead
 from .image_decoder import ImageDecoder
+from .prototypes import PrototypeHead
 from .layers import init_weights
 from .text import TextEncoder
 from .vision import VisionTransformer
@@ -56,15 +62,19 @@ class FusionModel(nn.Module):
             self.image_decoder = ImageDecoder(
                 num_patches=self.visual.num_patches, encoder_width=Dv, width=cfg.mim_decoder_width or Dv,
                 layers=cfg.mim_decoder_layers, heads=cfg.mim_decoder_heads or cfg.vision_heads,
-                patch_dim=3 * cfg.patch_size ** 2, text_width=Dt if cfg.mim_text else None,
-                mlp_ratio=cfg.mlp_ratio, grad_checkpointing=cfg.grad_checkpointing)
+                patch_dim=Dv if cfg.mim_target == "semantic" else 3 * cfg.patch_size ** 2,
+                text_width=Dt if cfg.mim_text else None, mlp_ratio=cfg.mlp_ratio,
+                grad_checkpointing=cfg.grad_checkpointing, text_from=cfg.mim_text_from)
+        self.proto_head = PrototypeHead(Dv, cfg.prototypes, cfg.proto_dim) if cfg.prototypes > 0 else None
         self.teacher = None
         self.queues = None
         if cfg.momentum > 0:         # EMA copy: soft ITC targets (distillation), attention maps for masking
             from .momentum import FeatureQueue, MomentumTeacher
-            self.teacher = MomentumTeacher({"visual": self.visual, "text": self.text, "fusion": self.fusion,
-                                            "image_proj": self.image_proj, "text_proj": self.text_proj},
-                                           cfg.momentum)
+            parts = {"visual": self.visual, "text": self.text, "fusion": self.fusion,
+                     "image_proj": self.image_proj, "text_proj": self.text_proj}
+            parts.update({k: m for k, m in (("image_decoder", self.image_decoder), ("proto_head", self.proto_head))
+                          if m is not None})
+            self.teacher = MomentumTeacher(parts, cfg.momentum)
             if cfg.queue_size > 0:   # the teacher's embeddings of past batches (ALBEF's image/text queues)
                 self.queues = nn.ModuleDict({"image": FeatureQueue(E, cfg.queue_size),
                                              "text": FeatureQueue(E, cfg.queue_size)})
@@ -135,6 +145,20 @@ class FusionModel(nn.Module):
         attn = fusion(tokens, batch.text_mask.bool(), image, attn_layers=[layer])["attn"][0]   # (B, T, 1+N)
         return attn[..., 1:]
 
+    @torch.no_grad()
+    def patch_text_relevance(self, patches: Tensor, text_tokens: Tensor, text_mask: Tensor,
+                             reduce: str = "max") -> Tensor:
+        """Cosine relevance of each patch to the caption's real tokens in the contrastive space (B, N)."""
+        from ..masking.attentive import patch_text_relevance
+        return patch_text_relevance(self.image_proj(patches), self.text_proj(text_tokens), text_mask, reduce)
+
+    @torch.no_grad()
+    def patch_prototypes(self, images: Tensor) -> Tensor:
+        """Prototype logits of every patch, (B, N, K) (student ViT, shared head); needs model.prototypes."""
+        if self.proto_head is None:
+            raise ValueError("this model has no prototype head (model.prototypes = 0)")
+        return self.proto_head(self.visual(images)[1])
+
     def fuse(self, text_tokens: Tensor, text_mask: Tensor, image_cls: Tensor, patches: Tensor, **kw) -> dict:
         """Text (B, T, Dt) attends to [cls | patches] (B, 1+N, Dv) -> fusion outputs (see FusionEncoder)."""
         image = torch.cat([image_cls[:, None], patches], dim=1)             # (B, 1+N, Dv)
@@ -161,7 +185,42 @@ class FusionModel(nn.Module):
         want_mlm, want_mim = "mlm_logits" in needs, "mim_pred" in needs and self.image_decoder is not None
         if want_mlm or want_mim:
             self._masked_heads(feats, batch, masks, want_mlm, want_mim)
+        if "agree_student" in needs:
+            self._agreement(feats, batch)
         return feats
+
+    def _need_teacher(self, what: str):
+        if self.teacher is None or self.proto_head is None:
+            raise ValueError(f"{what} needs a momentum teacher and a prototype head: set model.momentum > 0 "
+                             f"and model.prototypes > 0")
+        return self.teacher.module
+
+    def _agreement(self, feats: Features, batch: Batch) -> None:
+        """Prototype logits of both views' cls tokens, student (grad) and teacher: (2, B, K) each."""
+        t = self._need_teacher("agreement")
+        if batch.images2 is None:
+            raise ValueError("agreement needs two augmented views per image: set data.views: 2")
+        s2 = self.visual(batch.images2)[0]                                                   # (B, Dv)
+        feats.extras["agree_student"] = self.proto_head(torch.stack([feats.extras["image_cls"], s2]))
+        with torch.no_grad():
+            t1 = feats.extras["teacher_image"][0]
+            t2 = t.visual(batch.images2)[0]
+            feats.extras["agree_teacher"] = t.proto_head(torch.stack([t1, t2]))             # (2, B, K)
+
+    @torch.no_grad()
+    def _semantic_targets(self, feats: Features, batch: Batch, masked: Tensor) -> Tensor:
+        """Teacher prototype logits of the masked patches from the unmasked image: (B, M, K)."""
+        t = self._need_teacher("model.mim_target=semantic")
+        cls, patches = feats.extras["teacher_image"]                                        # (B, Dv), (B, N, Dv)
+        if self.cfg.text_fused_targets:
+            mask = batch.text_mask.bool()
+            ctx = t.fusion(feats.extras["teacher_text_tokens"], mask,
+                           torch.cat([cls[:, None], patches], 1))["tokens"]                # (B, T, Dt)
+            patches = t.image_decoder.dense(patches, ctx if self.cfg.mim_text else None,
+                                            mask if self.cfg.mim_text else None)            # (B, N, Dv)
+        B, M = masked.shape
+        picked = torch.gather(patches, 1, masked[..., None].expand(B, M, patches.shape[-1]))
+        return t.proto_head(picked)
 
     def _masked_heads(self, feats: Features, batch: Batch, masks: dict, want_mlm: bool, want_mim: bool) -> None:
         """One fusion pass of the (masked) text over the (masked) image feeds MLM and MIM."""
@@ -186,8 +245,12 @@ class FusionModel(nn.Module):
             feats.extras["mlm_positions"] = positions
         if want_mim:
             ctx = fused if self.cfg.mim_text else None
-            feats.extras["mim_pred"] = self.image_decoder(patches, mim.keep, mim.masked, ctx,
-                                                          mask if ctx is not None else None)  # (B, M, 3p²)
+            pred = self.image_decoder(patches, mim.keep, mim.masked, ctx, mask if ctx is not None else None,
+                                      use_text=self.cfg.mim_inject)                        # (B, M, 3p² | Dv)
+            if self.cfg.mim_target == "semantic":
+                pred = self.proto_head(pred)                                                # (B, M, K)
+                feats.extras["mim_teacher_logits"] = self._semantic_targets(feats, batch, mim.masked)
+            feats.extras["mim_pred"] = pred
             feats.extras["mim_masked"] = mim.masked
 
     def forward(self, batch: Batch, masks: dict | None = None) -> Features:

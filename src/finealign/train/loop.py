@@ -73,6 +73,8 @@ class Trainer:
             self.step = int(state["step"])
             if state.get("loader_state"):
                 self.loader.load_state_dict(state["loader_state"])
+            if state["extra"].get("objectives"):      # objectives' own state (e.g. SemMIM's EMA centres)
+                self.objectives.load_state_dict(state["extra"]["objectives"])
             log.info("resumed from %s at step %d", path, self.step)
         self.last_checkpoint: Path | None = None
         self.refreshes = 0                                 # semi-hard sampler refreshes in this process
@@ -146,7 +148,9 @@ class Trainer:
     def save(self) -> Path:
         self.last_checkpoint = ckpt.save_checkpoint(
             self.run_dir, self.step, self.model, self.cfg.to_dict(), self.optimizer, self.scheduler,
-            loader_state=self.loader.state_dict(), extra={"tokenizer_json": self.tokenizer.to_str()},
+            loader_state=self.loader.state_dict(),
+            extra={"tokenizer_json": self.tokenizer.to_str(),
+                   "objectives": {k: v.cpu() for k, v in self.objectives.state_dict().items()}},
             keep=self.cfg.train.keep)
         return self.last_checkpoint
 
