@@ -23,7 +23,6 @@ def unpatchify(patches: torch.Tensor, p: int, grid: int) -> torch.Tensor:
 @torch.no_grad()
 def mask_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
     """image (3, S, S) normalised -> dict of (H, W[, 3]) arrays for the figure, plus the masks."""
-    from ..objectives.tg_mim import patchify
     model.eval()
     ids, tmask = tokenizer.encode_batch([text], cfg.model.context_length)
     batch = Batch(images=image[None], text=ids, text_mask=tmask, image_ids=torch.zeros(1, dtype=torch.long),
@@ -36,16 +35,22 @@ def mask_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
     out = {"relevance": rel[0].reshape(g, g), "ic": ic, "mim": mim, "grid": g, "patch": p}
     if model.image_decoder is not None:
         pred = model.heads(feats, batch, {"mim": mim}).extras["mim_pred"][0]      # (M, 3p²)
-        target = patchify(image[None], p)[0].clone()                              # (N, 3p²)
-        m = mim.masked[0]
-        if _norm_pix(cfg):  # predictions are per-patch normalised: show them in the true patch's scale
-            mean = target[m].mean(-1, keepdim=True)
-            std = target[m].var(-1, keepdim=True).add(1e-6).sqrt()
-            pred = pred * std + mean
-        recon = target.clone()
-        recon[m] = pred.to(recon.dtype)
-        out["reconstruction"] = unpatchify(recon, p, g)
+        out["reconstruction"] = reconstruction(image, pred, mim.masked[0], p, g, _norm_pix(cfg))
     return out
+
+
+def reconstruction(image: torch.Tensor, pred: torch.Tensor, masked: torch.Tensor, p: int, g: int,
+                   norm_pix: bool) -> torch.Tensor:
+    """The image (3, S, S) with its masked patches replaced by the predictions (M, 3p²); per-patch
+    normalised predictions are shown in the true patch's scale."""
+    from ..objectives.tg_mim import patchify
+    target = patchify(image[None], p)[0].clone()                                  # (N, 3p²)
+    if norm_pix:
+        mean = target[masked].mean(-1, keepdim=True)
+        std = target[masked].var(-1, keepdim=True).add(1e-6).sqrt()
+        pred = pred * std + mean
+    target[masked] = pred.to(target.dtype)
+    return unpatchify(target, p, g)
 
 
 def _norm_pix(cfg) -> bool:

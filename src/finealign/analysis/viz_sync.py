@@ -20,7 +20,6 @@ DEFAULT_SYNC = {"words": 0.15, "patches": 0.25, "layer": -1}
 def sync_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
     """image (3, S, S) normalised, caption -> {"attention" (g, g), "mim" MaskIndices, "tokens" [(str, masked)],
     "reconstruction" (3, S, S) or absent, "grid", "patch"}."""
-    from ..objectives.tg_mim import patchify
     model.eval()
     ids, tmask = tokenizer.encode_batch([text], cfg.model.context_length)
     batch = Batch(images=image[None], text=ids, text_mask=tmask, image_ids=torch.zeros(1, dtype=torch.long),
@@ -42,16 +41,9 @@ def sync_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
                                      special_ids=tokenizer.special_ids, replace_ratio=(1.0, 0.0, 0.0))
         pred = model.heads(feats, batch, {"mim": mim, "mlm": (masked_text, positions)},
                            needs={"mim_pred"}).extras["mim_pred"][0]              # (M, 3p²)
-        target = patchify(image[None], p)[0].clone()                              # (N, 3p²)
-        m = mim.masked[0]
-        if bool(cfg.objectives.get("mim", {}).get("norm_pix", True)):
-            mean = target[m].mean(-1, keepdim=True)
-            std = target[m].var(-1, keepdim=True).add(1e-6).sqrt()
-            pred = pred * std + mean
-        recon = target.clone()
-        recon[m] = pred.to(recon.dtype)
-        from .viz import unpatchify
-        out["reconstruction"] = unpatchify(recon, p, g)
+        from .viz import reconstruction
+        norm_pix = bool(cfg.objectives.get("mim", {}).get("norm_pix", True))
+        out["reconstruction"] = reconstruction(image, pred, mim.masked[0], p, g, norm_pix)
     return out
 
 
@@ -75,7 +67,7 @@ def draw_sync_figure(loaded, image: torch.Tensor, text: str, plt):
     # the caption, masked words on a highlighted box, laid out left to right across the figure
     x = 0.02
     for word, masked in panels["tokens"]:
-        t = fig.text(x, 0.04, word, fontsize=11, color="white" if masked else "black",
+        fig.text(x, 0.04, word, fontsize=11, color="white" if masked else "black",
                      bbox=dict(facecolor="crimson", edgecolor="none", pad=1.5) if masked else None)
         x += 0.012 * (len(word) + 1) * (4 / len(tiles))
         if x > 0.95:

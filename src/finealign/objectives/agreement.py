@@ -50,8 +50,8 @@ def usage_entropy(p: Tensor) -> Tensor:
 class _Centred(Objective):
     """Shared state and schedule: the EMA centre (lazily sized to K) and the teacher temperature."""
 
-    def __init__(self, student_temp: float, teacher_temp: float, teacher_temp_final: float,
-                 teacher_temp_warmup: int, center_momentum: float):
+    def __init__(self, student_temp: float = 0.1, teacher_temp: float = 0.04, teacher_temp_final: float = 0.07,
+                 teacher_temp_warmup: int = 0, center_momentum: float = 0.9):
         super().__init__()
         for name, v in (("student_temp", student_temp), ("teacher_temp", teacher_temp),
                         ("teacher_temp_final", teacher_temp_final)):
@@ -89,10 +89,6 @@ class _Centred(Objective):
 class Agreement(_Centred):
     scope = "local"
     requires = ("agree_student", "agree_teacher")
-
-    def __init__(self, student_temp: float = 0.1, teacher_temp: float = 0.04, teacher_temp_final: float = 0.07,
-                 teacher_temp_warmup: int = 0, center_momentum: float = 0.9):
-        super().__init__(student_temp, teacher_temp, teacher_temp_final, teacher_temp_warmup, center_momentum)
 
     def forward(self, feats: Features, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         s = require(feats, "agree_student", "agreement")                      # (2, B, K)

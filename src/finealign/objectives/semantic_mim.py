@@ -13,7 +13,6 @@ masked patches. Visible patches are never predicted, so they never enter the los
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..registry import OBJECTIVES
@@ -26,10 +25,6 @@ from .base import StepContext, require
 class SemanticMIM(_Centred):
     scope = "local"
     requires = ("mim_pred", "mim_teacher_logits")
-
-    def __init__(self, student_temp: float = 0.1, teacher_temp: float = 0.04, teacher_temp_final: float = 0.07,
-                 teacher_temp_warmup: int = 0, center_momentum: float = 0.9):
-        super().__init__(student_temp, teacher_temp, teacher_temp_final, teacher_temp_warmup, center_momentum)
 
     def forward(self, feats: Features, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         s = require(feats, "mim_pred", "semantic_mim")                        # (B, M, K)
