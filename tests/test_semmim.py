@@ -80,6 +80,12 @@ def test_semantic_targets_are_the_teachers_masked_patches_and_teacher_gets_no_gr
         tp = t.visual(b.images)[1]
         want = t.proto_head(torch.gather(tp, 1, masked[..., None].expand(-1, -1, tp.shape[-1])))
     assert torch.allclose(feats.extras["mim_teacher_logits"], want, atol=1e-5)
+    # the teacher's tokens at visible patches never reach the targets (nor, so, the loss)
+    vis = torch.ones(4, N, dtype=torch.bool).scatter(1, masked, False)            # (B, N) True = visible
+    cls, tp_all = feats.extras["teacher_image"]
+    noisy = torch.where(vis[..., None], tp_all + 10 * torch.randn_like(tp_all), tp_all)
+    f2 = Features(extras={**feats.extras, "teacher_image": (cls, noisy)})
+    assert torch.allclose(model._semantic_targets(f2, b, masked), want, atol=1e-5)
     objs = [SemanticMIM(), Agreement()]
     loss = sum(o(feats, b, StepContext())["loss"] for o in objs)
     loss.backward()
