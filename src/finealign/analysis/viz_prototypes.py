@@ -133,7 +133,8 @@ def save_prototype_figure(loaded, images_dir: str | Path, out: str | Path, num: 
     images = load_images(paths, size)                                         # (B, 3, S, S)
     # the head gives cosines in [-1, 1]: probabilities are shown at the student temperature the semantic
     # MIM / agreement objectives use (objectives.*.student_temp, default 0.1), as training sees them
-    temp = float(cfg.objectives.get("semantic_mim", cfg.objectives.get("agreement", {})).get("student_temp", 0.1))
+    objectives = getattr(cfg, "objectives", None) or {}
+    temp = float(objectives.get("semantic_mim", objectives.get("agreement", {})).get("student_temp", 0.1))
     logits = prototype_logits(model, images) / temp                           # (B, N, K)
     g = int(model.visual.grid)
     if logits.shape[1] != g * g:
