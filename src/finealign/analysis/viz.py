@@ -91,14 +91,20 @@ def save_mask_figure(loaded, image_path: str | Path, text: str, out: str | Path)
              ("TG-MIM masks", _shade(shown, panels["mim"].masked[0], p, g).permute(1, 2, 0))]
     if "reconstruction" in panels:
         tiles.append(("reconstruction", denormalize(panels["reconstruction"]).permute(1, 2, 0)))
-    fig, axes = plt.subplots(1, len(tiles), figsize=(3 * len(tiles), 3.4))
+    fig = tile_figure(plt, tiles, height=3.4)
+    fig.suptitle(f'"{text}"', fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, plt)
+
+
+def tile_figure(plt, tiles, height: float):
+    """One row of panels: ``tiles`` = [(title, (H, W) heat map or (H, W, 3) image)] -> the figure."""
+    fig, axes = plt.subplots(1, len(tiles), figsize=(3 * len(tiles), height))
     for ax, (title, arr) in zip(axes, tiles):
         ax.imshow(arr.float().numpy(), cmap="inferno" if arr.ndim == 2 else None, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    fig.suptitle(f'"{text}"', fontsize=10)
-    fig.tight_layout()
-    return _save(fig, out, plt)
+    return fig
 
 
 def _save(fig, out, plt) -> Path:

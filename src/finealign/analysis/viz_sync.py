@@ -50,7 +50,7 @@ def sync_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
 def draw_sync_figure(loaded, image: torch.Tensor, text: str, plt):
     """The matplotlib figure for ``sync_panels`` (the caller saves it)."""
     from ..data.transforms import denormalize
-    from .viz import _shade
+    from .viz import _shade, tile_figure
     panels = sync_panels(loaded.model, loaded.tokenizer, loaded.config, image, text)
     p, g = panels["patch"], panels["grid"]
     shown = denormalize(image)
@@ -59,11 +59,7 @@ def draw_sync_figure(loaded, image: torch.Tensor, text: str, plt):
              ("masked patches", _shade(shown, panels["mim"].masked[0], p, g).permute(1, 2, 0))]
     if "reconstruction" in panels:
         tiles.append(("MIM reconstruction", denormalize(panels["reconstruction"]).permute(1, 2, 0)))
-    fig, axes = plt.subplots(1, len(tiles), figsize=(3 * len(tiles), 3.8))
-    for ax, (title, arr) in zip(axes, tiles):
-        ax.imshow(arr.float().numpy(), cmap="inferno" if arr.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(title, fontsize=10)
-        ax.axis("off")
+    fig = tile_figure(plt, tiles, height=3.8)
     # the caption, masked words on a highlighted box, laid out left to right across the figure
     x = 0.02
     for word, masked in panels["tokens"]:
