@@ -134,16 +134,19 @@ class FusionModel(nn.Module):
     def cross_attention(self, feats: Features, batch: Batch, layer: int = -1) -> Tensor:
         """Text -> patch cross-attention of fusion layer ``layer`` (head-averaged), from the momentum
         teacher when there is one (else the model itself), without gradient: (B, T, N), the cls column
-        dropped. PAD rows are 0. This is what synchronized masking reads."""
-        if self.teacher is not None and "teacher_image" in feats.extras:
-            t = self.teacher.module
+        dropped. PAD rows are 0. This is what synchronized masking reads. A teacher's fused text tokens are
+        kept in ``feats.extras["teacher_fused_text"]`` (the same pass SemMIM's text-fused targets need)."""
+        teacher = self.teacher is not None and "teacher_image" in feats.extras
+        if teacher:
             cls, patches = feats.extras["teacher_image"]
-            tokens, fusion = feats.extras["teacher_text_tokens"], t.fusion
+            tokens, fusion = feats.extras["teacher_text_tokens"], self.teacher.module.fusion
         else:
             cls, patches, tokens, fusion = feats.extras["image_cls"], feats.image_tokens, feats.text_tokens, self.fusion
         image = torch.cat([cls[:, None], patches], dim=1)                           # (B, 1+N, Dv)
-        attn = fusion(tokens, batch.text_mask.bool(), image, attn_layers=[layer])["attn"][0]   # (B, T, 1+N)
-        return attn[..., 1:]
+        out = fusion(tokens, batch.text_mask.bool(), image, attn_layers=[layer])
+        if teacher:
+            feats.extras["teacher_fused_text"] = out["tokens"]                      # (B, T, Dt)
+        return out["attn"][0][..., 1:]                                              # (B, T, N)
 
     @torch.no_grad()
     def patch_text_relevance(self, patches: Tensor, text_tokens: Tensor, text_mask: Tensor,
@@ -214,8 +217,10 @@ class FusionModel(nn.Module):
         cls, patches = feats.extras["teacher_image"]                                        # (B, Dv), (B, N, Dv)
         if self.cfg.text_fused_targets:
             mask = batch.text_mask.bool()
-            ctx = t.fusion(feats.extras["teacher_text_tokens"], mask,
-                           torch.cat([cls[:, None], patches], 1))["tokens"]                # (B, T, Dt)
+            ctx = feats.extras.get("teacher_fused_text")          # already fused for the attention masks
+            if ctx is None:
+                ctx = t.fusion(feats.extras["teacher_text_tokens"], mask,
+                               torch.cat([cls[:, None], patches], 1))["tokens"]            # (B, T, Dt)
             patches = t.image_decoder.dense(patches, ctx if self.cfg.mim_text else None,
                                             mask if self.cfg.mim_text else None)            # (B, N, Dv)
         B, M = masked.shape
