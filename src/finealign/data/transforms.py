@@ -15,12 +15,23 @@
   ``views: 1`` image; view 2 continues that generator), so both stay reproducible per
   (seed, epoch, sample). Without randomness (eval / ``augment: false``) the views are equal.
 * ``denormalize(x)`` undoes the normalisation for visualisation.
+
+Region boxes follow the image: ``ImageTransform(img, rng, boxes=[(x0, y0, x1, y1), ...])`` (boxes in
+pixels of the input image) returns ``(tensor, new_boxes)`` with every box mapped through the very
+crop box / resize / flip applied to the image (the image is bit-identical to the ``boxes=None``
+call: the same random draws are made), in pixels of the ``S x S`` output, clipped to ``[0, S]``.
+A box left with zero area (outside the crop) becomes ``None``, so ``new_boxes`` stays aligned with
+``boxes``; callers drop the ``None`` entries (``load_item`` does). Without ``boxes`` the return is
+just the tensor. ``TwoViewTransform`` maps boxes through view 1: ``((v1, v2), boxes1)``.
+``accepts_boxes(transform)`` tells whether a transform takes ``boxes=``; ``map_box`` is the pure
+per-box mapping.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import random
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,6 +42,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 RngLike = Union[random.Random, torch.Generator, int, None]
+Box = tuple[float, float, float, float]          # (x0, y0, x1, y1) in pixels
 
 _WHITE = (255, 255, 255)
 
@@ -154,6 +166,42 @@ def random_resized_crop_box(w: int, h: int, rnd: random.Random,
     return (x0, y0, x0 + cw, y0 + ch)
 
 
+def map_box(box: Sequence[float], crop_box: Sequence[float], out_size: int,
+            flipped: bool = False) -> Optional[Box]:
+    """Map a box through "crop ``crop_box``, resize it to ``out_size`` x ``out_size``, optionally
+    flip left-right" (what ``Image.resize(size, box=crop_box)`` + ``FLIP_LEFT_RIGHT`` do to pixels).
+
+    Coordinates are continuous pixel-edge coordinates (a pixel ``i`` spans ``[i, i + 1]``), so the
+    mapping is affine: ``x' = (x - cx0) * S / (cx1 - cx0)`` (then ``S - x'`` when flipped). The result
+    is clipped to ``[0, S]``; ``None`` if nothing of positive area is left (box outside the crop).
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cx0, cy0, cx1, cy1 = (float(v) for v in crop_box)
+    s = float(out_size)
+    sx, sy = s / (cx1 - cx0), s / (cy1 - cy0)
+    nx0 = min(max((x0 - cx0) * sx, 0.0), s)
+    nx1 = min(max((x1 - cx0) * sx, 0.0), s)
+    ny0 = min(max((y0 - cy0) * sy, 0.0), s)
+    ny1 = min(max((y1 - cy0) * sy, 0.0), s)
+    if not (nx1 > nx0 and ny1 > ny0):
+        return None
+    if flipped:
+        nx0, nx1 = s - nx1, s - nx0
+    return (nx0, ny0, nx1, ny1)
+
+
+def accepts_boxes(transform) -> bool:
+    """Whether ``transform(img, rng, boxes=...)`` is supported (``accepts_boxes`` attribute, else
+    a ``boxes`` parameter in the call signature)."""
+    flag = getattr(transform, "accepts_boxes", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        return "boxes" in inspect.signature(transform).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ImageTransform:
     """PIL image (any mode) -> normalised float tensor (3, S, S).
 
@@ -189,29 +237,41 @@ class ImageTransform:
         return (f"ImageTransform(image_size={self.image_size}, train={self.train}, "
                 f"augment={self.augment})")
 
-    def __call__(self, img: Image.Image, rng: RngLike = None) -> Tensor:
+    accepts_boxes = True
+
+    def __call__(self, img: Image.Image, rng: RngLike = None,
+                 boxes: Optional[Sequence[Sequence[float]]] = None
+                 ) -> Union[Tensor, tuple[Tensor, list[Optional[Box]]]]:
+        """Image -> ``(3, S, S)`` tensor; with ``boxes`` -> ``(tensor, mapped boxes or None)``."""
         img = to_rgb(img)
         w, h = img.size
         if w <= 0 or h <= 0:
             raise ValueError(f"empty image of size {w}x{h}")
         s = self.image_size
+        flipped = False
         if not self.random:
             # resize shorter side to S + center crop, done as a single resample of the crop box
-            out = img.resize((s, s), Image.Resampling.BICUBIC, box=center_crop_box(w, h))
-            return normalize(pil_to_tensor(out))                       # (3, S, S)
-        rnd = _as_random(rng)
-        box = random_resized_crop_box(w, h, rnd, self.scale, self.ratio)
-        out = img.resize((s, s), Image.Resampling.BICUBIC, box=box)
-        if self.hflip > 0 and rnd.random() < self.hflip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = pil_to_tensor(out)                                         # (3, S, S) in [0, 1]
-        if self.jitter > 0:
-            b = rnd.uniform(1 - self.jitter, 1 + self.jitter)
-            c = rnd.uniform(1 - self.jitter, 1 + self.jitter)
-            order = rnd.random() < 0.5
-            x = _brightness(x, b) if order else _contrast(x, c)
-            x = _contrast(x, c) if order else _brightness(x, b)
-        return normalize(x)                                            # (3, S, S)
+            crop = center_crop_box(w, h)
+            out = img.resize((s, s), Image.Resampling.BICUBIC, box=crop)
+            x = normalize(pil_to_tensor(out))                          # (3, S, S)
+        else:
+            rnd = _as_random(rng)
+            crop = random_resized_crop_box(w, h, rnd, self.scale, self.ratio)
+            out = img.resize((s, s), Image.Resampling.BICUBIC, box=crop)
+            if self.hflip > 0 and rnd.random() < self.hflip:
+                out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                flipped = True
+            x = pil_to_tensor(out)                                     # (3, S, S) in [0, 1]
+            if self.jitter > 0:
+                b = rnd.uniform(1 - self.jitter, 1 + self.jitter)
+                c = rnd.uniform(1 - self.jitter, 1 + self.jitter)
+                order = rnd.random() < 0.5
+                x = _brightness(x, b) if order else _contrast(x, c)
+                x = _contrast(x, c) if order else _brightness(x, b)
+            x = normalize(x)                                           # (3, S, S)
+        if boxes is None:
+            return x
+        return x, [map_box(b, crop, s, flipped) for b in boxes]
 
 
 class TwoViewTransform:
@@ -233,12 +293,21 @@ class TwoViewTransform:
     def __repr__(self) -> str:
         return f"TwoViewTransform({self.base!r})"
 
-    def __call__(self, img: Image.Image, rng: RngLike = None) -> tuple[Tensor, Tensor]:
-        if not self.random:
-            x = self.base(img, rng)                                    # (3, S, S)
-            return x, x.clone()
-        rnd = _as_random(rng)
-        return self.base(img, rnd), self.base(img, rnd)                # 2 x (3, S, S)
+    @property
+    def accepts_boxes(self) -> bool:
+        return accepts_boxes(self.base)
+
+    def __call__(self, img: Image.Image, rng: RngLike = None,
+                 boxes: Optional[Sequence[Sequence[float]]] = None):
+        """-> ``(view1, view2)``; with ``boxes``: ``((view1, view2), boxes mapped through view 1)``."""
+        rnd = _as_random(rng) if self.random else rng
+        if boxes is None:
+            x1 = self.base(img, rnd)                                   # (3, S, S)
+            new_boxes = None
+        else:
+            x1, new_boxes = self.base(img, rnd, boxes=boxes)
+        x2 = self.base(img, rnd) if self.random else x1.clone()        # (3, S, S)
+        return (x1, x2) if boxes is None else ((x1, x2), new_boxes)
 
 
 def _brightness(x: Tensor, factor: float) -> Tensor:

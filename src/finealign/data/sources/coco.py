@@ -13,17 +13,29 @@ names are tried under root (``annotations/captions_val2014.json``, ``dataset_coc
 with all its captions; ``image_id`` is the index within the split, ``item_id`` the same.
 Skips ("file:images[i]" / "file:annotations[i]"): "bad image entry", "bad annotation",
 "unknown image id", "empty caption".
+
+Regions (COCO captions format only): if an instances JSON sits beside the captions file under the
+matching name (``captions_X.json`` -> ``instances_X.json``, e.g. ``captions_train2017.json`` ->
+``instances_train2017.json``), each of its annotations ``{"image_id", "bbox": [x, y, w, h],
+"category_id"}`` becomes ``Region(box=(x, y, x + w, y + h), phrase=<category "name">)`` of that
+image (original-image pixels; crowd annotations included). Nothing to configure; without that
+file Samples have no regions. Malformed instance annotations (no image id, bbox not 4 finite
+numbers with w, h > 0, unknown category) are skipped as "bad instance" ("file:annotations[i]"),
+instances of images absent from the captions JSON as "unknown image id"; a file that is not
+valid JSON with an ``annotations`` list raises ``SourceFormatError``. Karpathy split JSONs never
+get regions (their images carry no COCO ids to match).
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 from ...config import DataConfig
 from ...registry import SOURCES
-from ...types import Sample
+from ...types import Region, Sample
 from ..skips import SkipLog
 from .common import (LazyImage, SourceFormatError, clean_text, image_candidates,
                      resolve_split_file, split_name)
@@ -64,6 +76,60 @@ def _image_dirs(root: Path | None, json_path: Path, split: str) -> list[Path]:
     return [d for d in dict.fromkeys(dirs) if d.is_dir()]
 
 
+def instances_path(captions: Path) -> Path | None:
+    """``.../captions_X.json`` -> ``.../instances_X.json`` if that file exists, else None."""
+    if not captions.name.startswith("captions_"):
+        return None
+    p = captions.with_name("instances_" + captions.name[len("captions_"):])
+    return p if p.is_file() else None
+
+
+def _instance_box(bbox: Any) -> tuple[float, float, float, float]:
+    """COCO ``[x, y, w, h]`` -> ``(x0, y0, x1, y1)``; ValueError unless 4 finite numbers, w, h > 0."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in bbox):
+        raise ValueError(f"bad bbox {bbox!r}")
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        raise ValueError(f"bad bbox {bbox!r}")
+    return (x, y, x + w, y + h)
+
+
+def read_instances(path: Path, image_ids: set, skips: SkipLog) -> dict[Any, list[Region]]:
+    """COCO instances JSON -> regions per image id (annotation order); bad entries are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SourceFormatError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise SourceFormatError(f"{path}: not a COCO instances JSON (no 'annotations' list)")
+    names: dict[Any, str] = {}
+    for c in data.get("categories") or []:
+        if isinstance(c, dict) and "id" in c and isinstance(c.get("name"), str) and clean_text(c["name"]):
+            names[c["id"]] = clean_text(c["name"])
+    out: dict[Any, list[Region]] = {}
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}:annotations[{i}]"
+        try:
+            if not isinstance(ann, dict) or "image_id" not in ann:
+                raise ValueError("no image id")
+            box = _instance_box(ann.get("bbox"))
+            phrase = names[ann.get("category_id")]
+        except (ValueError, KeyError, TypeError):  # TypeError: unhashable category id
+            skips.skip("bad instance", where)
+            continue
+        try:
+            known = ann["image_id"] in image_ids
+        except TypeError:                            # unhashable image id
+            known = False
+        if not known:
+            skips.skip("unknown image id", where)
+            continue
+        out.setdefault(ann["image_id"], []).append(Region(box=box, phrase=phrase))
+    return out
+
+
 def read_coco(path: Path, data: dict, root: Path | None, split: str, skips: SkipLog) -> list[Sample]:
     """COCO captions format -> one Sample per image that has at least one caption."""
     extra = _image_dirs(root, path, split)
@@ -90,6 +156,8 @@ def read_coco(path: Path, data: dict, root: Path | None, split: str, skips: Skip
             skips.skip("empty caption", where)
             continue
         caps[ann["image_id"]].append(c)
+    inst = instances_path(path)
+    regions = read_instances(inst, set(order), skips) if inst is not None else {}
     out: list[Sample] = []
     for i, iid in enumerate(order):
         if not caps[iid]:
@@ -101,7 +169,8 @@ def read_coco(path: Path, data: dict, root: Path | None, split: str, skips: Skip
         cands = image_candidates(fn, None, None, bases + [path.parent])
         n = len(out)
         out.append(Sample(key=cands[0], load_image=LazyImage(*cands), captions=caps[iid],
-                          image_id=n, item_id=n, source=f"{path}:images[{i}]"))
+                          image_id=n, item_id=n, regions=regions.get(iid, []),
+                          source=f"{path}:images[{i}]"))
     return out
 
 

@@ -9,6 +9,10 @@
 * ``SourceFormatError`` / ``missing_column_error``: header/key errors naming file and keys.
 * ``load_item`` / ``classify_error`` / ``sample_seed``: turning a Sample into a transformed
   (image, caption) item or a short skip reason (used by the loader, in DataLoader workers).
+  An item's ``regions`` follow the image: when the transform accepts ``boxes=``
+  (``ImageTransform``, ``TwoViewTransform``) the boxes are mapped into pixels of the model input
+  (``S x S``, after crop / resize / flip) and regions that fall outside the crop are dropped; a
+  custom transform without ``boxes`` support leaves them in original-image pixels.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from PIL import Image
 from ...config import DataConfig
 from ...types import Region, Sample
 from ..skips import BadSampleError
-from ..transforms import to_rgb
+from ..transforms import accepts_boxes, to_rgb
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -312,7 +316,13 @@ def load_item(sample: Sample, caption: str, transform, rng: random.Random | None
         img = sample.load_image()
         if hasattr(img, "load"):
             img.load()  # PIL is lazy: decode errors must happen inside this try
-        x = transform(to_rgb(img), rng)                                      # (3, S, S)
+        regions = list(sample.regions)
+        if regions and accepts_boxes(transform):
+            x, boxes = transform(to_rgb(img), rng, boxes=[r.box for r in regions])  # (3, S, S)
+            regions = [Region(box=b, phrase=r.phrase) for r, b in zip(regions, boxes)
+                       if b is not None]
+        else:
+            x = transform(to_rgb(img), rng)                                  # (3, S, S)
     except Exception as e:
         reason = "empty caption" if isinstance(e, _EmptyCaption) else classify_error(e)
         if strict:
@@ -320,7 +330,7 @@ def load_item(sample: Sample, caption: str, transform, rng: random.Random | None
             raise BadSampleError(f"{sample.key}{src}: {reason} ({type(e).__name__}: {e})") from e
         return Skipped(reason, sample.key)
     return {"image": x, "caption": caption, "image_id": sample.image_id, "item_id": sample.item_id,
-            "key": sample.key, "regions": list(sample.regions), "label": sample.label,
+            "key": sample.key, "regions": regions, "label": sample.label,
             "category": sample.category, "subcategory": sample.subcategory}
 
 
