@@ -58,6 +58,9 @@ class ModelConfig:
     text_fused_targets: bool = False  # semantic targets from teacher patches fused with the text first
     prototypes: int = 0              # fusion arch: K prototypes of the shared projection head (SemMIM 4096)
     proto_dim: int = 256             # prototype head bottleneck (DINO 256)
+    pta: bool = False                # TiMix patch-text alignment head: per-patch log-prob "belongs to the text"
+    pta_block: int = 0               # 1-based vision block whose output the PTA head reads (0 = the middle one)
+    pta_width: int = 0               # PTA head channels C (0 = vision_width)
     mlp_ratio: float = 4.0           # MLP hidden = ratio * width
     init_temperature: float = 0.07   # ITC temperature at init (logit scale = 1/τ, clamped to 100)
     grad_checkpointing: bool = False  # recompute block activations in backward
@@ -112,6 +115,18 @@ class MaskingConfig:
 
 
 @dataclass
+class MixerConfig:
+    """Image mixing for ``objectives.mixed_itc`` (TiMix and its CutMix / Mixup baselines). The source of
+    every image is the batch reversed (``flip(0)``); one window side / λ is drawn per micro-batch."""
+    type: str = ""                   # "" = off | timix | cutmix | mixup
+    side: list[float] = field(default_factory=lambda: [0.35, 0.75])  # timix/cutmix window side, fraction of the grid
+    alpha: float = 1.0               # mixup: λ ~ Beta(alpha, alpha)
+    stop: float = 0.667              # no mixing after this fraction of train.steps (TiMix: 20 of 30 epochs)
+    scores: str = "auto"             # timix patch scores: auto (PTA when the batch has regions and the model a
+                                     # PTA head, else patch-text relevance) | pta | relevance
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000                # optimizer steps
     lr: float = 5e-4                 # peak learning rate
@@ -160,6 +175,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    mixer: MixerConfig = field(default_factory=MixerConfig)
     # objective name -> {weight: float, **objective options}; weight 0 or absence switches it off
     objectives: dict[str, dict[str, Any]] = field(default_factory=lambda: {"itc": {"weight": 1.0}})
 
@@ -187,6 +203,11 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def bundled_recipes() -> list[Path]:
+    """Every recipe YAML in configs/ (a study's ``_study.yaml`` options are not recipes)."""
+    return sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.name != "_study.yaml")
+
+
 def find_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
     """A recipe is a YAML path, or a name in the bundled configs/ (``coca``, ``ablations/sycoca/coca``)."""
     cands = [Path(name_or_path)]
@@ -197,7 +218,7 @@ def find_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
     for c in cands:
         if c.is_file():
             return c
-    known = sorted(str(p.relative_to(CONFIG_DIR))[:-5] for p in CONFIG_DIR.rglob("*.yaml"))
+    known = [str(p.relative_to(CONFIG_DIR))[:-5] for p in bundled_recipes()]
     close = difflib.get_close_matches(stem, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"no recipe {name_or_path!r}{hint} (bundled: {', '.join(known)})")
@@ -303,91 +324,17 @@ def from_dict(raw: dict[str, Any]) -> Config:
             raise ConfigError("'objectives' must map objective names to {weight: ..., ...}")
         raw["objectives"] = {k: ({"weight": float(v)} if isinstance(v, (int, float)) else (v or {}))
                              for k, v in objectives.items()}
+    if isinstance(raw.get("mixer"), str):          # `mixer: timix` shorthand
+        raw["mixer"] = {"type": raw["mixer"]}
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    from .registry import OBJECTIVES
-    from . import objectives as _  # noqa: F401  (registers the objectives)
-    for name in cfg.objectives:
-        OBJECTIVES.get(name)  # raises with a suggestion on a typo
-    if cfg.train.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"train.precision must be fp32 or bf16, got {cfg.train.precision!r}")
-    if cfg.data.batch_size % cfg.train.grad_accum:
-        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by "
-                          f"train.grad_accum ({cfg.train.grad_accum})")
-    if cfg.model.image_size % cfg.model.patch_size:
-        raise ConfigError(f"model.image_size ({cfg.model.image_size}) must be a multiple of "
-                          f"model.patch_size ({cfg.model.patch_size})")
-    from .masking import build_masker
-    for role in ("ic", "mim"):
-        spec = getattr(cfg.masking, role)
-        if spec:
-            try:
-                build_masker(spec)
-            except (KeyError, ValueError) as e:
-                raise ConfigError(f"masking.{role}: {e.args[0] if e.args else e}") from None
-    if cfg.model.arch not in ("coca", "fusion"):
-        raise ConfigError(f"model.arch must be coca or fusion, got {cfg.model.arch!r}")
-    unknown = set(cfg.masking.mlm) - {"prob"}
-    if unknown:
-        raise ConfigError(f"masking.mlm: unknown option(s) {sorted(unknown)}; valid: ['prob']")
-    if cfg.masking.relevance not in ("max", "mean", "attention"):
-        raise ConfigError(f"masking.relevance must be max, mean or attention, got {cfg.masking.relevance!r}")
-    if cfg.masking.relevance == "attention" and cfg.model.arch != "fusion":
-        raise ConfigError("masking.relevance=attention reads fusion cross-attention: needs model.arch: fusion")
-    m = cfg.model
-    if m.mim_target not in ("pixel", "semantic"):
-        raise ConfigError(f"model.mim_target must be pixel or semantic, got {m.mim_target!r}")
-    if m.mim_target == "semantic" and not (m.arch == "fusion" and m.prototypes > 0 and m.momentum > 0):
-        raise ConfigError("model.mim_target=semantic needs model.arch: fusion, model.prototypes > 0 and "
-                          "model.momentum > 0 (targets come from the teacher's prototype head)")
-    if m.mim_target == "semantic" and any(float(cfg.objectives.get(k, {}).get("weight", 1.0)) != 0
-                                          for k in ("mim", "tg_mim") if k in cfg.objectives):
-        raise ConfigError("model.mim_target=semantic predicts prototype logits: use objectives.semantic_mim, "
-                          "not the pixel objectives mim / tg_mim")
-    if m.prototypes and m.arch != "fusion":
-        raise ConfigError("model.prototypes needs model.arch: fusion")
-    if cfg.data.views not in (1, 2):
-        raise ConfigError(f"data.views must be 1 or 2, got {cfg.data.views}")
-    if cfg.model.mim_decoder_layers > 0 and not (cfg.masking.mim or cfg.masking.sync):
-        raise ConfigError("model.mim_decoder_layers > 0 needs a masker for it: set masking.mim "
-                          "(e.g. {type: random, mask_ratio: 0.5})")
-    if cfg.masking.mim and cfg.model.mim_decoder_layers == 0:
-        raise ConfigError("masking.mim is set but the model has no image decoder (model.mim_decoder_layers = 0)")
-    if cfg.eval.classify_by not in ("label", "category", "subcategory"):
-        raise ConfigError(f"eval.classify_by must be label, category or subcategory, got {cfg.eval.classify_by!r}")
-    if cfg.data.sampler not in ("random", "grouped", "semi_hard"):
-        raise ConfigError(f"data.sampler must be random, grouped or semi_hard, got {cfg.data.sampler!r}")
-    d = cfg.data
-    if d.sampler == "semi_hard":
-        if len(d.semi_hard_band) != 2 or not d.semi_hard_band[0] <= d.semi_hard_band[1]:
-            raise ConfigError(f"data.semi_hard_band must be [low, high] with low <= high, got {d.semi_hard_band}")
-        if d.refresh_embed not in ("image", "text"):
-            raise ConfigError(f"data.refresh_embed must be image or text, got {d.refresh_embed!r}")
-        if d.refresh_every < 0:
-            raise ConfigError(f"data.refresh_every must be >= 0 (0 = never), got {d.refresh_every}")
-    unknown = set(cfg.masking.sync) - {"words", "patches", "layer"}
-    if unknown:
-        raise ConfigError(f"masking.sync: unknown option(s) {sorted(unknown)}; valid: ['layer', 'patches', 'words']")
-    if cfg.masking.sync:
-        if cfg.model.arch != "fusion":
-            raise ConfigError("masking.sync needs the fusion model's cross-attention: set model.arch: fusion")
-        for k in ("words", "patches"):
-            v = float(cfg.masking.sync.get(k, 0.15 if k == "words" else 0.25))
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"masking.sync.{k} must be in [0, 1), got {v}")
-    if cfg.model.queue_size < 0 or (cfg.model.queue_size and not cfg.model.momentum):
-        raise ConfigError(f"model.queue_size ({cfg.model.queue_size}) needs model.momentum > 0 "
-                          f"(the queue holds the teacher's embeddings); 0 = no queue")
-    if cfg.eval.retrieval_by not in ("image", "item"):
-        raise ConfigError(f"eval.retrieval_by must be image or item, got {cfg.eval.retrieval_by!r}")
-    if cfg.eval.k_test < 0:
-        raise ConfigError(f"eval.k_test must be >= 0 (0 = no ITM re-ranking), got {cfg.eval.k_test}")
-    if not 0.0 < cfg.data.fraction <= 1.0:
-        raise ConfigError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
+    """Cross-field checks (config_checks.py); raises ConfigError naming the key."""
+    from .config_checks import check
+    check(cfg)
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | None = None,

@@ -6,14 +6,27 @@ from the encoded batch; random maskers draw from the global torch RNG, which che
 The synchronized masker (``masking.sync``, fusion models) reads the teacher's text->patch
 cross-attention and produces the MLM words and the MIM patches together; it replaces ``masking.mlm``
 and ``masking.mim``.
+
+Mixing (``mixer``, TiMix and its baselines) happens in ``encode``: after ``model.encode`` the mixer
+builds mixed images from the batch (TiMix scores patches with the PTA head's z-scored log-probability
+where the batch has regions and the model a PTA head, else with the patch-text relevance; the first
+fallback is logged) and the image tower encodes them: ``extras["mixed_image_embed"]`` (B, E),
+``"mix_lambda"`` (B,), ``"mix_offset"`` (B,) = source row - row. The mixer's draws come from a
+``random.Random`` seeded by (train.seed, step, micro-batch), so the no-grad pre-pass of gradient
+accumulation and a resumed run mix exactly alike. After ``stop · total_steps`` steps nothing is mixed.
 """
 from __future__ import annotations
 
+import logging
+import random
+
 import torch
 
-from .config import MaskingConfig
+from .config import MaskingConfig, MixerConfig
 from .masking import build_masker
 from .types import Batch, Features
+
+log = logging.getLogger("finealign")
 
 ROLES = ("ic", "mim")
 
@@ -23,8 +36,15 @@ class Pipeline:
     ``tokenizer``: needed for word masking (``masking.mlm``)."""
 
     def __init__(self, model: torch.nn.Module, masking: MaskingConfig | None = None, tokenizer=None,
-                 needs: set[str] | None = None):
+                 needs: set[str] | None = None, mixer: MixerConfig | None = None, total_steps: int = 1,
+                 seed: int = 0):
         self.model = model
+        from .mixing import build_mixer
+        self.mix_cfg = mixer or MixerConfig()
+        self.mixer = build_mixer(self.mix_cfg, model.cfg.patch_size) if self.mix_cfg.type else None
+        self.mix_until = int(round(self.mix_cfg.stop * total_steps))
+        self.seed = int(seed)
+        self.fallback_logged = False
         masking = masking or MaskingConfig()
         self.relevance_reduce = masking.relevance
         self.maskers = {role: build_masker(getattr(masking, role)) for role in ROLES if getattr(masking, role)}
@@ -59,18 +79,55 @@ class Pipeline:
                                 special_ids=tok.special_ids)
         return {"mlm": (masked, positions), "mim": patches}
 
-    def __call__(self, batch: Batch) -> Features:
+    def mixing(self, step: int) -> bool:
+        return self.mixer is not None and step < self.mix_until
+
+    def encode(self, batch: Batch, step: int = 0, micro: int = 0) -> Features:
+        """``model.encode`` plus, while mixing is on, the mixed images' embeddings (see the module doc)."""
         feats = self.model.encode(batch)
+        if self.mixing(step):
+            from .data.sources.common import sample_seed
+            rnd = random.Random(sample_seed(self.seed, step, micro))
+            scores = self.mix_scores(feats, batch) if self.mixer.needs_scores else None
+            mix = self.mixer(batch.images, scores, rnd)
+            feats.extras["mixed_image_embed"] = self.model.encode_image(mix.images, memory=False)["embed"]
+            feats.extras["mix_lambda"] = mix.lam                                        # (B,)
+            feats.extras["mix_offset"] = mix.source - torch.arange(len(batch), device=mix.source.device)
+        return feats
+
+    @torch.no_grad()
+    def mix_scores(self, feats: Features, batch: Batch) -> torch.Tensor:
+        """TiMix patch scores (B, N), z-scored per image: the PTA head's log p(patch belongs to the text)
+        or, without region data / PTA head (or with ``mixer.scores: relevance``), the patch-text relevance."""
+        from .mixing import zscore
+        regions = batch.extras.get("regions") or []
+        use_pta = "pta_logp" in feats.extras and self.mix_cfg.scores != "relevance" and (
+            self.mix_cfg.scores == "pta" or any(regions))
+        feats.extras["mix_by_pta"] = torch.tensor(float(use_pta))
+        if use_pta:
+            return zscore(feats.extras["pta_logp"][..., 1])
+        if not self.fallback_logged:
+            why = "the batch has no region boxes" if "pta_logp" in feats.extras else "the model has no PTA head"
+            log.warning("mixer %s: %s, so patches are scored by their patch-text relevance (masking.relevance=%s)",
+                        self.mix_cfg.type, why, self.relevance_reduce)
+            self.fallback_logged = True
+        return zscore(self.relevance(feats, batch))
+
+    def relevance(self, feats: Features, batch: Batch) -> torch.Tensor:
+        """The model's patch-text relevance of the encoded batch, (B, N), no gradient."""
+        if self.relevance_reduce == "attention":     # (teacher's) fusion text->patch attention, over words
+            return self.model.cross_attention(feats, batch).sum(1)
+        return self.model.patch_text_relevance(feats.image_tokens, feats.text_tokens, batch.text_mask,
+                                                self.relevance_reduce)
+
+    def __call__(self, batch: Batch, step: int = 0, micro: int = 0) -> Features:
+        feats = self.encode(batch, step, micro)
         words = self._sync_masks(feats, batch) if self.sync is not None else self._word_masks(batch)
         if not self.maskers:
             return self.model.heads(feats, batch, words, needs=self.needs)
         patches = feats.image_tokens                                            # (B, N, Dv)
         if self.needs_relevance:
-            if self.relevance_reduce == "attention":     # (teacher's) fusion text->patch attention, over words
-                rel = self.model.cross_attention(feats, batch).sum(1)             # (B, N), no grad
-            else:
-                rel = self.model.patch_text_relevance(patches, feats.text_tokens, batch.text_mask,
-                                                      self.relevance_reduce)    # (B, N), no grad
+            rel = self.relevance(feats, batch)                                  # (B, N), no grad
         else:
             rel = torch.zeros(patches.shape[:2], device=patches.device)
         masks = {role: m(rel) for role, m in self.maskers.items()}

@@ -34,6 +34,7 @@ from ..types import Batch, Features
 from .fusion import FusionEncoder, ITMHead, MLMHead
 from .image_decoder import ImageDecoder
 from .prototypes import PrototypeHead
+from .pta import PTAHead, pta_block_index
 from .layers import init_weights
 from .text import TextEncoder
 from .vision import VisionTransformer
@@ -66,6 +67,8 @@ class FusionModel(nn.Module):
                 text_width=Dt if cfg.mim_text else None, mlp_ratio=cfg.mlp_ratio,
                 grad_checkpointing=cfg.grad_checkpointing, text_from=cfg.mim_text_from)
         self.proto_head = PrototypeHead(Dv, cfg.prototypes, cfg.proto_dim) if cfg.prototypes > 0 else None
+        self.pta_head = PTAHead(Dv, Dt, cfg.pta_width or Dv) if cfg.pta else None
+        self.pta_index = pta_block_index(cfg.vision_layers, cfg.pta_block) if cfg.pta else None
         self.teacher = None
         self.queues = None
         if cfg.momentum > 0:         # EMA copy: soft ITC targets (distillation), attention maps for masking
@@ -90,19 +93,25 @@ class FusionModel(nn.Module):
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
     # ------------------------------------------------------------------ encoders
-    def encode_image(self, images: Tensor, **_) -> dict[str, Tensor | None]:
-        cls, patches = self.visual(images)                                   # (B, Dv), (B, N, Dv)
-        return {"embed": F.normalize(self.image_proj(cls), dim=-1), "cls": cls, "patches": patches,
-                "memory": None}
+    def encode_image(self, images: Tensor, hidden_at: int | None = None, **_) -> dict[str, Tensor | None]:
+        out = self.visual(images, hidden_at=hidden_at)
+        cls, patches = out[0], out[1]                                        # (B, Dv), (B, N, Dv)
+        res = {"embed": F.normalize(self.image_proj(cls), dim=-1), "cls": cls, "patches": patches,
+               "memory": None}
+        if hidden_at is not None:
+            res["hidden"] = out[2]                                           # (B, N, Dv) after that block
+        return res
 
     def encode_text(self, text: Tensor, text_mask: Tensor | None = None) -> dict[str, Tensor]:
         pooled, tokens = self.text(text, text_mask)
-        return {"embed": F.normalize(self.text_proj(pooled), dim=-1), "tokens": tokens}
+        return {"embed": F.normalize(self.text_proj(pooled), dim=-1), "tokens": tokens, "pooled": pooled}
 
     def encode(self, batch: Batch) -> Features:
-        img = self.encode_image(batch.images)
+        img = self.encode_image(batch.images, hidden_at=self.pta_index)
         txt = self.encode_text(batch.text, batch.text_mask)
         extras = {"image_cls": img["cls"]}
+        if self.pta_head is not None:                   # TiMix: (B, N, 2) log p(patch belongs to the text)
+            extras["pta_logp"] = self.pta_head(img["hidden"], txt["pooled"])
         if self.teacher is not None:
             t = self.teacher.module
             with torch.no_grad():

@@ -30,6 +30,7 @@ from .decoder import MultimodalDecoder
 from .heads import AttentionalPooler
 from .image_decoder import ImageDecoder
 from .layers import init_weights
+from .pta import PTAHead, pta_block_index
 from .text import TextEncoder
 from .vision import VisionTransformer
 
@@ -65,6 +66,8 @@ class ContrastiveCaptioner(nn.Module):
                 layers=cfg.mim_decoder_layers, heads=cfg.mim_decoder_heads or cfg.vision_heads,
                 patch_dim=3 * cfg.patch_size ** 2, text_width=Dt if cfg.mim_text else None,
                 mlp_ratio=cfg.mlp_ratio, grad_checkpointing=cfg.grad_checkpointing)
+        self.pta_head = PTAHead(Dv, Dt, cfg.pta_width or Dv) if cfg.pta else None
+        self.pta_index = pta_block_index(cfg.vision_layers, cfg.pta_block) if cfg.pta else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
 
         self.apply(init_weights)
@@ -74,12 +77,13 @@ class ContrastiveCaptioner(nn.Module):
     def get_logit_scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
-    def encode_image(self, images: Tensor, return_attn: bool = False, memory: bool = True
-                     ) -> dict[str, Tensor | None]:
+    def encode_image(self, images: Tensor, return_attn: bool = False, memory: bool = True,
+                     hidden_at: int | None = None) -> dict[str, Tensor | None]:
         """images (B, 3, H, W) -> embed (B, E) unit-norm, cls (B, Dv), patches (B, N, Dv),
         memory (B, Q, Dt) or None (caption memory over all patches; skipped with memory=False);
-        with return_attn also attn (B, N): last-block cls->patch attention."""
-        out = self.visual(images, return_attn=return_attn)
+        with return_attn also attn (B, N): last-block cls->patch attention; with hidden_at also
+        hidden (B, N, Dv): the patch tokens after that vision block."""
+        out = self.visual(images, return_attn=return_attn, hidden_at=hidden_at)
         cls, patches = out[0], out[1]
         if self.image_pool == "attn":
             img = self.pooler(patches, queries=slice(0, 1))[:, 0]           # (B, Dt) contrastive query
@@ -89,6 +93,8 @@ class ContrastiveCaptioner(nn.Module):
                "memory": self.caption_memory(patches) if memory and self.has_decoder else None}
         if return_attn:
             res["attn"] = out[2]
+        if hidden_at is not None:
+            res["hidden"] = out[2]
         return res
 
     def caption_memory(self, patches: Tensor) -> Tensor:
@@ -109,9 +115,10 @@ class ContrastiveCaptioner(nn.Module):
         return patch_text_relevance(self.dense_image_embed(patches), tok, text_mask, reduce)
 
     def encode_text(self, text: Tensor, text_mask: Tensor | None = None) -> dict[str, Tensor]:
-        """text (B, T) long, text_mask (B, T) bool -> embed (B, E) unit-norm, tokens (B, T, Dt)."""
+        """text (B, T) long, text_mask (B, T) bool -> embed (B, E) unit-norm, tokens (B, T, Dt),
+        pooled (B, Dt)."""
         pooled, tokens = self.text(text, text_mask)
-        return {"embed": F.normalize(self.text_proj(pooled), dim=-1), "tokens": tokens}
+        return {"embed": F.normalize(self.text_proj(pooled), dim=-1), "tokens": tokens, "pooled": pooled}
 
     def caption_logits(self, memory: Tensor, text_tokens: Tensor) -> Tensor:
         """memory (B, Q, Dt), unimodal text_tokens (B, T, Dt) -> next-token logits (B, T, V)."""
@@ -121,10 +128,13 @@ class ContrastiveCaptioner(nn.Module):
 
     def encode(self, batch: Batch) -> Features:
         """Stage 1: both towers over the whole batch (no head that a mask could change)."""
-        img = self.encode_image(batch.images, memory=False)
+        img = self.encode_image(batch.images, memory=False, hidden_at=self.pta_index)
         txt = self.encode_text(batch.text, batch.text_mask)
+        extras = {}
+        if self.pta_head is not None:                   # TiMix: (B, N, 2) log p(patch belongs to the text)
+            extras["pta_logp"] = self.pta_head(img["hidden"], txt["pooled"])
         return Features(image_embed=img["embed"], text_embed=txt["embed"], logit_scale=self.get_logit_scale(),
-                        image_tokens=img["patches"], text_tokens=txt["tokens"])
+                        image_tokens=img["patches"], text_tokens=txt["tokens"], extras=extras)
 
     def heads(self, feats: Features, batch: Batch, masks: dict | None = None, needs: set | None = None
               ) -> Features:

@@ -39,8 +39,12 @@ class VisionTransformer(nn.Module):
         x = images.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p)
         return x.reshape(B, gh * gw, C * p * p)
 
-    def forward(self, images: Tensor, return_attn: bool = False, keep: Tensor | None = None):
+    def forward(self, images: Tensor, return_attn: bool = False, keep: Tensor | None = None,
+                hidden_at: int | None = None):
         """images (B, 3, H, W) -> cls (B, D), patches (B, N, D) [, cls->patch attention (B, N)].
+
+        With ``hidden_at`` (0-based block index) the patch tokens after that block (before the final
+        norm) are returned as a third element instead of the attention: (B, N, D) (TiMix's PTA head).
 
         With ``keep`` (B, K) patch indices only those patches are encoded (MAE-style: masked patches never
         enter the encoder) and ``patches`` is (B, K, D) in the order of ``keep``.
@@ -53,8 +57,10 @@ class VisionTransformer(nn.Module):
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))   # (B, K, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)                                     # (B, 1+N, D)
+        if return_attn and hidden_at is not None:
+            raise ValueError("return_attn and hidden_at cannot be combined")
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        attn = None
+        attn = hidden = None
         for i, blk in enumerate(self.blocks):
             if return_attn and i == len(self.blocks) - 1:
                 x, w = blk(x, need_weights=True)                           # w: (B, H, 1+N, 1+N)
@@ -62,8 +68,12 @@ class VisionTransformer(nn.Module):
                 attn = (w / w.sum(dim=-1, keepdim=True)).mean(dim=1)       # (B, N)
             else:
                 x = run_block(blk, x, ckpt)
+            if i == hidden_at:
+                hidden = x[:, 1:]                                          # (B, N, D)
         x = self.ln_post(x)
         cls, patches = x[:, 0], x[:, 1:]                                   # (B, D), (B, N, D)
+        if hidden_at is not None:
+            return cls, patches, hidden
         return (cls, patches, attn) if return_attn else (cls, patches)
 
     def cls_attention(self, images: Tensor) -> Tensor:

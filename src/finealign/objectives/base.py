@@ -26,6 +26,7 @@ class StepContext:
     total_steps: int = 1
     gather_fn: Callable[[str, Tensor], tuple[Tensor, int]] | None = None
     micro_index: int = 0              # which micro-batch of the step this pass is
+    steps_per_epoch: int = 0          # optimizer steps per epoch (0 = unknown, e.g. streaming sources)
     state: dict = field(default_factory=dict)
 
     def shared(self, t: Tensor) -> Tensor:

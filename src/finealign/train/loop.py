@@ -57,7 +57,8 @@ class Trainer:
         self.model = build_model(cfg.model, self.tokenizer.vocab_size).to(self.device)
         self.objectives = build_objectives(cfg.objectives).to(self.device)
         needs = {r for o in self.objectives.values() for r in o.requires}
-        self.pipeline = Pipeline(self.model, cfg.masking, self.tokenizer, needs)
+        self.pipeline = Pipeline(self.model, cfg.masking, self.tokenizer, needs, mixer=cfg.mixer,
+                                 total_steps=tc.steps, seed=tc.seed)
         if not len(self.objectives):
             raise ValueError("no objective has a non-zero weight: nothing to train")
         params = list(self.model.named_parameters()) + [
@@ -95,10 +96,12 @@ class Trainer:
         cache: dict[str, list[torch.Tensor]] = defaultdict(list)
         if accum > 1 and gathered:
             with torch.no_grad(), self.autocast():
-                for mb in micro:
-                    f = self.model.encode(mb)
+                for j, mb in enumerate(micro):
+                    f = self.pipeline.encode(mb, step=self.step, micro=j)
                     for g in gathered:
-                        cache[g].append(_feature(f, g).detach())
+                        v = _feature(f, g)
+                        if v is not None:                  # absent: e.g. mixed images after mixer.stop
+                            cache[g].append(v.detach())
         out: dict[str, float] = defaultdict(float)
         self.model.train()
         for j, mb in enumerate(micro):
@@ -109,9 +112,9 @@ class Trainer:
                 parts[j] = local
                 return torch.cat(parts), sum(p.shape[0] for p in parts[:j])
             ctx = StepContext(step=self.step, total_steps=self.cfg.train.steps, gather_fn=gather,
-                              micro_index=j)
+                              micro_index=j, steps_per_epoch=self.loader.batches_per_epoch or 0)
             with self.autocast():
-                feats = self.pipeline(mb)
+                feats = self.pipeline(mb, step=self.step, micro=j)
                 total = 0.0
                 for name, obj in self.objectives.items():
                     res = obj(feats, mb, ctx)
@@ -247,7 +250,7 @@ class Trainer:
 
 def _feature(feats, name):
     v = getattr(feats, name, None)
-    return v if v is not None else feats.extras[name]
+    return v if v is not None else feats.extras.get(name)
 
 
 def seed_everything(seed: int) -> None:

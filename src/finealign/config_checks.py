@@ -1,0 +1,117 @@
+"""Cross-field configuration checks: each error names the key (and the fix) before anything is built."""
+from __future__ import annotations
+
+from .config import ConfigError
+
+
+def check(cfg) -> None:
+    from .registry import OBJECTIVES
+    from . import objectives as _  # noqa: F401  (registers the objectives)
+    for name in cfg.objectives:
+        OBJECTIVES.get(name)  # raises with a suggestion on a typo
+    if cfg.train.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision must be fp32 or bf16, got {cfg.train.precision!r}")
+    if cfg.data.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by "
+                          f"train.grad_accum ({cfg.train.grad_accum})")
+    if cfg.model.image_size % cfg.model.patch_size:
+        raise ConfigError(f"model.image_size ({cfg.model.image_size}) must be a multiple of "
+                          f"model.patch_size ({cfg.model.patch_size})")
+    from .masking import build_masker
+    for role in ("ic", "mim"):
+        spec = getattr(cfg.masking, role)
+        if spec:
+            try:
+                build_masker(spec)
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"masking.{role}: {e.args[0] if e.args else e}") from None
+    if cfg.model.arch not in ("coca", "fusion"):
+        raise ConfigError(f"model.arch must be coca or fusion, got {cfg.model.arch!r}")
+    unknown = set(cfg.masking.mlm) - {"prob"}
+    if unknown:
+        raise ConfigError(f"masking.mlm: unknown option(s) {sorted(unknown)}; valid: ['prob']")
+    if cfg.masking.relevance not in ("max", "mean", "attention"):
+        raise ConfigError(f"masking.relevance must be max, mean or attention, got {cfg.masking.relevance!r}")
+    if cfg.masking.relevance == "attention" and cfg.model.arch != "fusion":
+        raise ConfigError("masking.relevance=attention reads fusion cross-attention: needs model.arch: fusion")
+    m = cfg.model
+    if m.mim_target not in ("pixel", "semantic"):
+        raise ConfigError(f"model.mim_target must be pixel or semantic, got {m.mim_target!r}")
+    if m.mim_target == "semantic" and not (m.arch == "fusion" and m.prototypes > 0 and m.momentum > 0):
+        raise ConfigError("model.mim_target=semantic needs model.arch: fusion, model.prototypes > 0 and "
+                          "model.momentum > 0 (targets come from the teacher's prototype head)")
+    if m.mim_target == "semantic" and any(float(cfg.objectives.get(k, {}).get("weight", 1.0)) != 0
+                                          for k in ("mim", "tg_mim") if k in cfg.objectives):
+        raise ConfigError("model.mim_target=semantic predicts prototype logits: use objectives.semantic_mim, "
+                          "not the pixel objectives mim / tg_mim")
+    if m.prototypes and m.arch != "fusion":
+        raise ConfigError("model.prototypes needs model.arch: fusion")
+    if cfg.data.views not in (1, 2):
+        raise ConfigError(f"data.views must be 1 or 2, got {cfg.data.views}")
+    if cfg.model.mim_decoder_layers > 0 and not (cfg.masking.mim or cfg.masking.sync):
+        raise ConfigError("model.mim_decoder_layers > 0 needs a masker for it: set masking.mim "
+                          "(e.g. {type: random, mask_ratio: 0.5})")
+    if cfg.masking.mim and cfg.model.mim_decoder_layers == 0:
+        raise ConfigError("masking.mim is set but the model has no image decoder (model.mim_decoder_layers = 0)")
+    if cfg.eval.classify_by not in ("label", "category", "subcategory"):
+        raise ConfigError(f"eval.classify_by must be label, category or subcategory, got {cfg.eval.classify_by!r}")
+    if cfg.data.sampler not in ("random", "grouped", "semi_hard"):
+        raise ConfigError(f"data.sampler must be random, grouped or semi_hard, got {cfg.data.sampler!r}")
+    d = cfg.data
+    if d.sampler == "semi_hard":
+        if len(d.semi_hard_band) != 2 or not d.semi_hard_band[0] <= d.semi_hard_band[1]:
+            raise ConfigError(f"data.semi_hard_band must be [low, high] with low <= high, got {d.semi_hard_band}")
+        if d.refresh_embed not in ("image", "text"):
+            raise ConfigError(f"data.refresh_embed must be image or text, got {d.refresh_embed!r}")
+        if d.refresh_every < 0:
+            raise ConfigError(f"data.refresh_every must be >= 0 (0 = never), got {d.refresh_every}")
+    unknown = set(cfg.masking.sync) - {"words", "patches", "layer"}
+    if unknown:
+        raise ConfigError(f"masking.sync: unknown option(s) {sorted(unknown)}; valid: ['layer', 'patches', 'words']")
+    if cfg.masking.sync:
+        if cfg.model.arch != "fusion":
+            raise ConfigError("masking.sync needs the fusion model's cross-attention: set model.arch: fusion")
+        for k in ("words", "patches"):
+            v = float(cfg.masking.sync.get(k, 0.15 if k == "words" else 0.25))
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"masking.sync.{k} must be in [0, 1), got {v}")
+    if cfg.model.queue_size < 0 or (cfg.model.queue_size and not cfg.model.momentum):
+        raise ConfigError(f"model.queue_size ({cfg.model.queue_size}) needs model.momentum > 0 "
+                          f"(the queue holds the teacher's embeddings); 0 = no queue")
+    if cfg.eval.retrieval_by not in ("image", "item"):
+        raise ConfigError(f"eval.retrieval_by must be image or item, got {cfg.eval.retrieval_by!r}")
+    if cfg.eval.k_test < 0:
+        raise ConfigError(f"eval.k_test must be >= 0 (0 = no ITM re-ranking), got {cfg.eval.k_test}")
+    if not 0.0 < cfg.data.fraction <= 1.0:
+        raise ConfigError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
+    _validate_mixing(cfg)
+
+
+def _validate_mixing(cfg) -> None:
+    mx, active = cfg.mixer, cfg.active_objectives()
+    if mx.type:
+        from .mixing import MIXERS
+        try:
+            MIXERS.get(mx.type)
+        except KeyError as e:
+            raise ConfigError(f"mixer.type: {e.args[0]}") from None
+        if "mixed_itc" not in active:
+            raise ConfigError(f"mixer.type={mx.type} mixes images for the mixed ITC objective: add "
+                              f"objectives.mixed_itc (e.g. objectives.mixed_itc.weight=1)")
+        if len(mx.side) != 2 or not 0.0 < mx.side[0] <= mx.side[1] <= 1.0:
+            raise ConfigError(f"mixer.side must be [low, high] with 0 < low <= high <= 1, got {mx.side}")
+        if not 0.0 < mx.stop <= 1.0:
+            raise ConfigError(f"mixer.stop must be in (0, 1], got {mx.stop}")
+        if mx.alpha <= 0:
+            raise ConfigError(f"mixer.alpha must be > 0, got {mx.alpha}")
+    elif "mixed_itc" in active:
+        raise ConfigError("objectives.mixed_itc needs mixed images: set mixer.type (timix, cutmix or mixup)")
+    if mx.scores not in ("auto", "pta", "relevance"):
+        raise ConfigError(f"mixer.scores must be auto, pta or relevance, got {mx.scores!r}")
+    if (mx.scores == "pta" or "pta" in active) and not cfg.model.pta:
+        raise ConfigError("the PTA scores / objectives.pta need the patch-text alignment head: set model.pta=true")
+    if cfg.model.pta_block < 0 or cfg.model.pta_block > cfg.model.vision_layers:
+        raise ConfigError(f"model.pta_block must be in 0..{cfg.model.vision_layers} (0 = the middle block), "
+                          f"got {cfg.model.pta_block}")
+    if mx.scores == "relevance" and cfg.masking.relevance == "attention" and cfg.model.arch != "fusion":
+        raise ConfigError("mixer.scores=relevance with masking.relevance=attention needs model.arch: fusion")
