@@ -192,3 +192,23 @@ def test_cli_with_a_recipe_list_seed_list_and_captioning(tmp_path, capsys):
     assert "eval.max_new_tokens=5" in data["command"]
     with pytest.raises(SystemExit):                                 # --seeds and --seed-list exclude
         sub._name_parser_map["ablate"].parse_args(["x", "--seeds", "2", "--seed-list", "1"])
+
+
+def test_a_study_may_vary_the_declared_keys_and_shows_them_as_columns(tmp_path, monkeypatch):
+    write_recipe(tmp_path / "a.yaml", "clip", ["retrieval"], "a")
+    b = (tmp_path / "a.yaml").read_text().replace("batch_size: 16}", "batch_size: 16, fraction: 0.5}")
+    (tmp_path / "b.yaml").write_text(b)
+    monkeypatch.setattr(loop, "Trainer", lambda *a, **k: pytest.fail("trained before checking"))
+    with pytest.raises(ValueError, match=r"data\.fraction=0\.5"):
+        run_ablation(tmp_path, seeds=1, out_dir=tmp_path / "out", progress=False)
+    (tmp_path / "_study.yaml").write_text("vary: [train.lr]\n")          # not a key that must match
+    with pytest.raises(ValueError, match="'vary' must list keys among"):
+        run_ablation(tmp_path, seeds=1, out_dir=tmp_path / "out", progress=False)
+    (tmp_path / "_study.yaml").write_text("vary: [data.fraction]\n")
+    monkeypatch.undo()
+    res = run_ablation(tmp_path, seeds=1, out_dir=tmp_path / "out", progress=False)
+    assert [r["varied"] for r in res["rows"]] == [{"data.fraction": 1.0}, {"data.fraction": 0.5}]
+    head, _, first, second = res["table"].splitlines()[:4]
+    assert head.startswith("| recipe | data.fraction | t2i R@1")
+    assert first.startswith("| a | 1.0 |") and second.startswith("| b | 0.5 |")
+    assert "fraction varies" in res["table"]

@@ -82,7 +82,9 @@ def test_parse_overrides_nested_and_typed():
 
 
 def test_bundled_recipes_all_load():
-    from finealign.config import CONFIG_DIR
-    for p in CONFIG_DIR.rglob("*.yaml"):
+    from finealign.config import bundled_recipes
+    recipes = bundled_recipes()
+    assert len(recipes) > 30 and not any(p.name == "_study.yaml" for p in recipes)
+    for p in recipes:
         load_config(str(p))
     assert find_recipe("quickstart").name == "quickstart.yaml"

@@ -99,11 +99,28 @@ def _get(cfg, dotted: str):
     return obj
 
 
-def _check_same(configs: dict[str, Any]) -> None:
+def study_vary(path: str | os.PathLike) -> list[str]:
+    """Keys a study lets differ between its recipes: ``vary: [data.fraction]`` in the directory's
+    ``_study.yaml`` or beside ``recipes:`` in a list file (e.g. a data-efficiency study); they become
+    table columns. Only ``SAME_KEYS`` may be listed (anything else may differ anyway)."""
+    p = Path(path)
+    f = p / "_study.yaml" if p.is_dir() else p
+    if not f.is_file():
+        return []
+    data = yaml.safe_load(f.read_text()) or {}
+    vary = data.get("vary", []) if isinstance(data, dict) else None
+    if not isinstance(vary, list) or any(k not in SAME_KEYS for k in vary):
+        raise ValueError(f"{f}: 'vary' must list keys among {SAME_KEYS}, got {vary!r}")
+    return [str(k) for k in vary]
+
+
+def _check_same(configs: dict[str, Any], vary: Sequence[str] = ()) -> None:
     """ValueError naming the first recipe and key that differ from the first recipe's."""
     (first, ref), *others = configs.items()
     for name, cfg in others:
         for key in SAME_KEYS:
+            if key in vary:
+                continue
             a, b = _get(ref, key), _get(cfg, key)
             if a != b:
                 raise ValueError(f"recipe {name!r} has {key}={b!r} but {first!r} has {key}={a!r}: every "
@@ -206,7 +223,8 @@ def run_ablation(path: str | os.PathLike, seeds: int | Sequence[int] = 3, overri
         for seed in seed_list:
             configs[rec.stem, seed] = load_config(str(rec), list(overrides) + [
                 f"train.seed={seed}", f"train.run_dir={out / rec.stem / f'seed{seed}'}"])
-    _check_same({rec.stem: configs[rec.stem, seed_list[0]] for rec in recipes})
+    vary = study_vary(path)
+    _check_same({rec.stem: configs[rec.stem, seed_list[0]] for rec in recipes}, vary)
     out.mkdir(parents=True, exist_ok=True)
 
     runs, total = [], len(configs)
@@ -236,8 +254,9 @@ def run_ablation(path: str | os.PathLike, seeds: int | Sequence[int] = 3, overri
     rows = summarize(runs)
     for row in rows:
         row["description"] = descriptions.get(row["recipe"], "")
+        row["varied"] = {k: _get(configs[row["recipe"], seed_list[0]], k) for k in vary}
     ref = configs[recipes[0].stem, seed_list[0]]
-    common = {k: _get(ref, k) for k in SAME_KEYS}
+    common = {k: ("varies" if k in vary else _get(ref, k)) for k in SAME_KEYS}
     table = format_table(rows) + "\n\n" + _footer(seed_list, common, command) + "\n"
     (out / "table.md").write_text(table)
     _write_json_atomic(out / "results.json", {
@@ -284,10 +303,12 @@ def format_cell(stat: dict | None, digits: int = 1) -> str:
 def format_table(rows: Sequence[dict], digits: int = 1) -> str:
     """Markdown table: one row per recipe, one column per metric of METRICS that any row has."""
     cols = [(key, head) for _, key, head in METRICS if any(r["metrics"].get(key) for r in rows)]
-    lines = ["| " + " | ".join(["recipe"] + [h for _, h in cols]) + " |",
-             "|" + "|".join(["---"] + ["---:"] * len(cols)) + "|"]
+    varied = list(rows[0].get("varied", {})) if rows else []
+    lines = ["| " + " | ".join(["recipe"] + varied + [h for _, h in cols]) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(varied) + len(cols))) + "|"]
     for r in rows:
-        cells = [r["recipe"]] + [format_cell(r["metrics"].get(k), digits) for k, _ in cols]
+        cells = [r["recipe"]] + [str(r["varied"][k]) for k in varied] + [
+            format_cell(r["metrics"].get(k), digits) for k, _ in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

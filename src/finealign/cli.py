@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _overrides(p)
 
-    p = sub.add_parser("viz", help="visualise masks or prototypes")
+    p = sub.add_parser("viz", help="visualise masks, prototypes or image mixing")
     vsub = p.add_subparsers(dest="viz_verb", metavar="WHAT", required=True)
     v = vsub.add_parser("masks", help="relevance map, IC-kept and TG-MIM-masked patches, reconstruction")
     v.add_argument("checkpoint")
@@ -86,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="prototypes.png", help="PNG to write (default: prototypes.png)")
     v.add_argument("--num", type=int, default=8, help="prototypes shown: the most used ones (default: 8)")
     v.add_argument("--top", type=int, default=6, help="patches shown per prototype (default: 6)")
+    v = vsub.add_parser("mix", help="TiMix / CutMix / Mixup: target, source, patch scores, windows, mixed image, λ")
+    v.add_argument("checkpoint")
+    v.add_argument("--split", default="val", help="split of the run's data source to draw pairs from (default: val)")
+    v.add_argument("--num", type=int, default=4, help="images (rows) (default: 4)")
+    v.add_argument("--mixer", default=None, choices=["timix", "cutmix", "mixup"],
+                   help="mixer to show (default: the run's, else timix)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the window-side / λ draw")
+    v.add_argument("--out", default="mix.png", help="PNG to write (default: mix.png)")
+    v = vsub.add_parser("study", help="an ablation study's metric against its varied key, one line per series")
+    v.add_argument("results", help="results.json written by finealign ablate")
+    v.add_argument("--x", default="data.fraction", help="varied key on the x axis (default: data.fraction)")
+    v.add_argument("--metric", default="t2i_r1", help="metric key, e.g. t2i_r1, i2t_r1, mean_recall")
+    v.add_argument("--out", default="study.png", help="PNG to write (default: study.png)")
 
     from .ablate import add_ablate_parser
     add_ablate_parser(sub)
@@ -248,10 +261,19 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_viz(args) -> int:
+    if args.viz_verb == "study":
+        from .analysis.plot_study import save_study_plot
+        print(f"wrote {save_study_plot(args.results, args.out, args.x, args.metric)}")
+        return 0
     from .api import load
     if args.viz_verb == "prototypes":
         from .analysis.viz_prototypes import save_prototype_figure
         out = save_prototype_figure(load(args.checkpoint), args.images, args.out, args.num, args.top)
+        print(f"wrote {out}")
+        return 0
+    if args.viz_verb == "mix":
+        from .analysis.viz_mix import save_mix_figure
+        out = save_mix_figure(load(args.checkpoint), args.out, args.split, args.num, args.mixer, args.seed)
         print(f"wrote {out}")
         return 0
     from .analysis.viz import save_mask_figure
@@ -266,8 +288,8 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from .config import CONFIG_DIR
-    for p in sorted(CONFIG_DIR.rglob("*.yaml")):
+    from .config import CONFIG_DIR, bundled_recipes
+    for p in bundled_recipes():
         first = p.read_text().splitlines()[0].lstrip("# ") if p.read_text() else ""
         print(f"{str(p.relative_to(CONFIG_DIR))[:-5]:<32} {first}")
     return 0
