@@ -47,7 +47,7 @@ __all__ = ["discover_recipes", "recipe_description", "run_ablation", "summarize"
 METRICS = [("retrieval", "t2i_r1", "t2i R@1"), ("retrieval", "i2t_r1", "i2t R@1"),
            ("retrieval", "mean_recall", "mean R"), ("caption", "cider", "CIDEr"),
            ("caption", "bleu4", "BLEU-4"), ("tgir", "r10", "TGIR R@10"), ("tgir", "r50", "TGIR R@50"),
-           ("classify", "top1", "top-1")]
+           ("classify", "top1", "top-1"), ("vqa", "accuracy", "VQA acc")]
 # (metric keys are unique across tasks: a row's metrics are keyed by them)
 # config keys every recipe of a study must share: equal steps and data is the point of an ablation
 SAME_KEYS = ["train.steps", "data.batch_size", "train.grad_accum", "data.source", "data.root",
@@ -336,7 +336,7 @@ def add_ablate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, default=3, help="number of seeds: 0..N-1 (default 3)")
     g.add_argument("--seed-list", default=None, help="explicit comma-separated seeds, e.g. 0,5,7")
     p.add_argument("--out", default=None, help="study directory (default: runs/ablations/<name>-<time>)")
-    p.add_argument("--task", action="append", choices=["retrieval", "caption", "classify", "tgir"],
+    p.add_argument("--task", action="append", choices=["retrieval", "caption", "classify", "tgir", "vqa"],
                    help="eval task(s) for every recipe (repeatable; default: each recipe's eval.tasks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-resume", action="store_true", help="retrain runs that already have results")

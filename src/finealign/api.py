@@ -29,7 +29,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", which: str = "lat
     if not tok_json:
         raise ckpt.CheckpointError(f"{ck}: checkpoint carries no tokenizer")
     tokenizer = Tokenizer.from_str(tok_json)
-    model = build_model(cfg.model, tokenizer.vocab_size)
+    model = build_model(cfg.model, tokenizer.vocab_size, full=cfg, tokenizer=tokenizer)
     ckpt.load_weights(model, ck)
     model.to(device).eval()
     return Loaded(model=model, tokenizer=tokenizer, config=cfg, path=ck)

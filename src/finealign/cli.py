@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate CKPT (checkpoint or run dir).")
     p.add_argument("checkpoint")
-    p.add_argument("--task", action="append", choices=["retrieval", "caption", "classify", "tgir"],
+    p.add_argument("--task", action="append", choices=["retrieval", "caption", "classify", "tgir", "vqa"],
                    help="task(s) to run (repeatable; default: the recipe's eval.tasks)")
     p.add_argument("--data", default=None, help="dataset root (default: the training config's data.root)")
     p.add_argument("--source", default=None, help="data source (default: the training config's)")
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", choices=["greedy", "beam", "top_p"], default=None)
     p.add_argument("--num", type=int, default=1, help="captions per image (top_p sampling)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zero-shot", action="store_true",
+                   help="require a MacCap run (text-only training): subregions, N noisy samples, re-ranking")
 
     p = sub.add_parser("retrieve", help="search images by text, or captions by image")
     p.add_argument("checkpoint")
@@ -99,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--x", default="data.fraction", help="varied key on the x axis (default: data.fraction)")
     v.add_argument("--metric", default="t2i_r1", help="metric key, e.g. t2i_r1, i2t_r1, mean_recall")
     v.add_argument("--out", default="study.png", help="PNG to write (default: study.png)")
+
+    p = sub.add_parser("analyze", help="analyses of a trained checkpoint (modality gap)")
+    asub = p.add_subparsers(dest="analyze_verb", metavar="WHAT", required=True)
+    a = asub.add_parser("gap", help="image-text modality gap: σ², histogram, QQ plot, subregions vs global",
+                        description="Embed a split with CKPT (checkpoint or run dir) and write gap.json "
+                                    "(suggested_noise_var for maccap.noise_var=auto) and plots.")
+    a.add_argument("checkpoint")
+    a.add_argument("--split", default=None, help="split to embed (default: data.test)")
+    a.add_argument("--out", default=None, help="output directory (default: <run dir>/gap/)")
+    a.add_argument("--max-images", type=int, default=None, help="use at most N images (default: all)")
+    a.add_argument("-k", type=int, default=10, help="subregions per image (default: 10)")
+    a.add_argument("-w", type=float, default=1.0, help="aggregation weight: normalise(g + w·s) (default: 1)")
+    a.add_argument("--no-progress", action="store_true")
+    _overrides(a)
 
     from .ablate import add_ablate_parser
     add_ablate_parser(sub)
@@ -201,6 +217,9 @@ def cmd_caption(args) -> int:
     import torch
     from .api import load
     loaded = load(args.checkpoint)
+    if args.zero_shot and loaded.config.model.arch != "maccap":
+        raise ValueError(f"{loaded.path}: --zero-shot needs a MacCap run (finealign train maccap "
+                         f"maccap.backbone=...), this is model.arch={loaded.config.model.arch}")
     if getattr(loaded.model, "decoder", None) is None:
         raise ValueError(f"{loaded.path}: this model has no caption decoder (trained with decoder_layers=0)")
     cfg, tok = loaded.config, loaded.tokenizer
@@ -282,6 +301,25 @@ def cmd_viz(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from dataclasses import replace
+    from .analysis.gap import format_gap_summary, run_gap_analysis
+    from .api import load
+    from .config import ConfigError, from_dict, merge, parse_overrides
+    loaded = load(args.checkpoint)
+    extra = parse_overrides(args.overrides)
+    if set(extra) - {"data"}:
+        raise ConfigError(f"analyze gap: only data.* overrides apply to a trained model, got "
+                          f"{', '.join(sorted(set(extra) - {'data'}))}")
+    loaded = replace(loaded, config=from_dict(merge(loaded.config.to_dict(), extra)))
+    res = run_gap_analysis(loaded, split=args.split, out_dir=args.out, max_images=args.max_images,
+                           progress=not args.no_progress, k=args.k, w=args.w)
+    print(format_gap_summary(res))
+    for f in res["files"]:
+        print(f"wrote {f}")
+    return 0
+
+
 def cmd_ablate(args) -> int:
     from .ablate import cmd_ablate as run
     return run(args)
@@ -297,7 +335,7 @@ def cmd_recipes(args) -> int:
 
 VERBS = {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "caption": cmd_caption,
          "retrieve": cmd_retrieve, "quickstart": cmd_quickstart, "ablate": cmd_ablate, "viz": cmd_viz,
-         "recipes": cmd_recipes}
+         "recipes": cmd_recipes, "analyze": cmd_analyze}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,6 +27,7 @@ class ModelConfig:
     preset: str = "tiny"             # architecture preset in models/presets/ (tiny, small, base, bench-tiny)
     arch: str = "coca"               # coca: dual encoder (+ caption / image decoders): CLIP, CoCa, SyCoCa
                                      # fusion: ALBEF-style text encoder + fusion encoder (ITM, MLM heads)
+                                     # maccap: frozen coca-arch backbone + adaptor + LM (maccap.*, lm.*)
     fusion_layers: int = 2           # fusion arch: text->image cross-attention layers
     momentum: float = 0.0            # fusion arch: EMA teacher momentum (0 = no teacher; ALBEF 0.995)
     queue_size: int = 0              # fusion arch with a teacher: queue of the teacher's embeddings used as
@@ -127,6 +128,33 @@ class MixerConfig:
 
 
 @dataclass
+class MacCapConfig:
+    """Zero-shot captioning trained on text only (``model.arch: maccap``; CapDec = subregions 0, samples 1)."""
+    backbone: str = ""               # coca-arch checkpoint / run dir (CLIP, CoCa, SyCoCa), frozen
+    noise_var: Any = 0.016           # σ² of the Gaussian noise on the unit embeddings (0 = no noise); "auto":
+                                     # the backbone's measured gap (BACKBONE_RUN/gap/gap.json, `finealign analyze gap`)
+    copies: int = 10                 # L noisy copies of the text embedding (the adaptor's memory)
+    queries: int = 32                # adaptor queries = LM prefix length
+    adaptor_width: int = 512         # adaptor decoder width d
+    adaptor_heads: int = 8
+    adaptor_layers: int = 1
+    subregions: int = 10             # inference: top-k patches by global-token attention (0 = global only)
+    subregion_weight: float = 1.0    # w: memory_i = normalise(g + w · subregion_i)
+    samples: int = 4                 # N captions per image, each with fresh noise
+    rerank: bool = True              # keep the candidate closest to the image (else the first)
+
+
+@dataclass
+class LMConfig:
+    """The language model MacCap writes a prefix into."""
+    path: str = ""                   # local Hugging Face causal LM dir ("" = finealign's own small LM)
+    trainable: bool = False          # fine-tune the HF LM (the own LM is trained from scratch, always)
+    width: int = 256                 # own LM
+    layers: int = 4
+    heads: int = 4
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000                # optimizer steps
     lr: float = 5e-4                 # peak learning rate
@@ -164,6 +192,7 @@ class EvalConfig:
     retrieval_by: str = "image"      # image: a caption matches its own image | item: any image of its item
                                      # (multi-view fashion data: several images share one description)
     k_test: int = 16                 # fusion models: re-rank each query's ITC top-k with the ITM head (0 = off)
+    vqa_template: str = "Question: {} Short answer:"   # zero-shot VQA prompt after the image prefix (MacCap)
 
 
 @dataclass
@@ -176,6 +205,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     mixer: MixerConfig = field(default_factory=MixerConfig)
+    maccap: MacCapConfig = field(default_factory=MacCapConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
     # objective name -> {weight: float, **objective options}; weight 0 or absence switches it off
     objectives: dict[str, dict[str, Any]] = field(default_factory=lambda: {"itc": {"weight": 1.0}})
 

@@ -25,8 +25,9 @@ def check(cfg) -> None:
                 build_masker(spec)
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"masking.{role}: {e.args[0] if e.args else e}") from None
-    if cfg.model.arch not in ("coca", "fusion"):
-        raise ConfigError(f"model.arch must be coca or fusion, got {cfg.model.arch!r}")
+    if cfg.model.arch not in ("coca", "fusion", "maccap"):
+        raise ConfigError(f"model.arch must be coca, fusion or maccap, got {cfg.model.arch!r}")
+    _validate_maccap(cfg)
     unknown = set(cfg.masking.mlm) - {"prob"}
     if unknown:
         raise ConfigError(f"masking.mlm: unknown option(s) {sorted(unknown)}; valid: ['prob']")
@@ -115,3 +116,29 @@ def _validate_mixing(cfg) -> None:
                           f"got {cfg.model.pta_block}")
     if mx.scores == "relevance" and cfg.masking.relevance == "attention" and cfg.model.arch != "fusion":
         raise ConfigError("mixer.scores=relevance with masking.relevance=attention needs model.arch: fusion")
+
+
+def _validate_maccap(cfg) -> None:
+    mc = cfg.maccap
+    if cfg.model.arch != "maccap":
+        if "prefix_lm" in cfg.active_objectives():
+            raise ConfigError("objectives.prefix_lm trains a MacCap model: set model.arch: maccap")
+        return
+    if mc.noise_var != "auto" and (isinstance(mc.noise_var, bool) or not isinstance(mc.noise_var, (int, float))
+                                   or mc.noise_var < 0):
+        raise ConfigError(f"maccap.noise_var must be a number >= 0 or 'auto', got {mc.noise_var!r}")
+    for key in ("copies", "queries", "samples", "adaptor_width", "adaptor_heads", "adaptor_layers"):
+        if getattr(mc, key) < 1:
+            raise ConfigError(f"maccap.{key} must be >= 1, got {getattr(mc, key)}")
+    if mc.subregions < 0:
+        raise ConfigError(f"maccap.subregions must be >= 0 (0 = the global feature only), got {mc.subregions}")
+    if mc.adaptor_width % mc.adaptor_heads:
+        raise ConfigError(f"maccap.adaptor_width ({mc.adaptor_width}) must be divisible by maccap.adaptor_heads "
+                          f"({mc.adaptor_heads})")
+    if not cfg.lm.path and cfg.lm.width % cfg.lm.heads:
+        raise ConfigError(f"lm.width ({cfg.lm.width}) must be divisible by lm.heads ({cfg.lm.heads})")
+    bad = sorted(set(cfg.active_objectives()) - {"prefix_lm"})
+    if bad:
+        raise ConfigError(f"a MacCap model trains only objectives.prefix_lm (text only); remove {bad}")
+    if cfg.mixer.type or any(getattr(cfg.masking, r) for r in ("ic", "mim", "mlm", "sync")):
+        raise ConfigError("MacCap trains on text only: no masking / mixing")

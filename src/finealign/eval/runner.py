@@ -1,10 +1,11 @@
-"""Evaluate a model on a split: retrieval, captioning, zero-shot classification and TGIR.
+"""Evaluate a model on a split: retrieval, captioning, zero-shot classification, TGIR and VQA.
 
 Every task embeds / captions each *unique image* once; several captions per image count as several
 references (captioning) or several positives (retrieval). Fusion models (with an ``itm_head``) re-rank
 each retrieval query's ITC top ``eval.k_test`` with the ITM head (see :mod:`.rerank`): the re-ranked
 recalls are the main numbers, the ITC-only ones are kept with an ``itc_`` prefix. ``tgir`` (text-guided
-image retrieval, see :mod:`.tgir`) uses its own gallery and queries from the data source.
+image retrieval, see :mod:`.tgir`) uses its own gallery and queries from the data source; so does
+``vqa`` (zero-shot VQA on the ``shapes`` scenes, models with ``answer()``, see :mod:`.vqa`).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from .classification import build_class_embeddings, zero_shot_classify
 from .rerank import ITMScorer, can_rerank, itm_rerank_metrics
 from .retrieval import retrieval_metrics
 from .tgir import evaluate_tgir
+from .vqa import can_answer, evaluate_vqa
 
 log = logging.getLogger("finealign")
-TASKS = ("retrieval", "caption", "classify", "tgir")
+TASKS = ("retrieval", "caption", "classify", "tgir", "vqa")
 IMAGE_TASKS = ("retrieval", "caption", "classify")     # tasks on the split's images and captions
 
 
@@ -49,28 +51,35 @@ def embed_texts(model, tokenizer, texts: Sequence[str], context_length: int, dev
 @torch.no_grad()
 def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Sequence[str] | None = None,
              device: torch.device | str = "cpu", progress: bool = True, samples=None) -> dict:
-    """Returns ``{"retrieval": {...}, "caption": {...}, "classify": {...}, "tgir": {...}, "samples": [...],
-    "skipped": {...}}`` (``num_images`` when an image task ran)."""
+    """Returns ``{"retrieval": {...}, "caption": {...}, "classify": {...}, "tgir": {...}, "vqa": {...},
+    "samples": [...], "skipped": {...}}`` (``num_images`` when an image task ran)."""
     tasks = list(tasks or cfg.eval.tasks)
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown eval task {t!r}; choose from {', '.join(TASKS)}")
+    asked_none = not tasks
     if "caption" in tasks and getattr(model, "decoder", None) is None:
         log.warning("model has no caption decoder (decoder_layers=0): skipping the caption task")
         tasks.remove("caption")
+    if "vqa" in tasks and not can_answer(model):
+        log.warning("model has no answer() method (only MacCap models answer questions): skipping the vqa task")
+        tasks.remove("vqa")
     device = torch.device(device)
     was_training = model.training
     model.eval()
     skips = SkipLog(strict=cfg.data.strict)
     results: dict = {}
     try:
-        if any(t in IMAGE_TASKS for t in tasks) or not tasks:
+        if any(t in IMAGE_TASKS for t in tasks) or asked_none:
             results.update(_image_tasks(model, tokenizer, cfg, split, tasks, device, progress, samples, skips))
         if "tgir" in tasks:
             results["tgir"] = evaluate_tgir(
                 model, cfg, split or cfg.data.test, device=device, progress=progress,
                 embed_text=lambda t: embed_texts(model, tokenizer, t, cfg.model.context_length, device,
                                                  cfg.data.eval_batch_size), skips=skips)
+        if "vqa" in tasks:
+            results["vqa"] = evaluate_vqa(model, cfg, split or cfg.data.test, device=device,
+                                          max_images=cfg.eval.max_images, progress=progress)
     finally:
         model.train(was_training)
     results["skipped"] = skips.to_dict()
@@ -166,6 +175,9 @@ def format_results(results: dict) -> str:
                 lines.append(f"  {k:<16} {v:8d}")
             elif v is None:
                 lines.append(f"  {k:<16} {'n/a':>8}")
+            elif task == "vqa" and isinstance(v, dict):
+                lines.append(f"  {k:<16} " + "  ".join(f"{a} {b:.2f}" if isinstance(b, float) else f"{a} {b}"
+                                                       for a, b in v.items()))
         for note in results[task].get("notes", []):
             lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -24,11 +24,17 @@ def validate_model_config(cfg: ModelConfig, vocab_size: int) -> None:
         raise ConfigError("invalid model config: " + "; ".join(errors))
 
 
-def build_model(cfg: ModelConfig, vocab_size: int = 0) -> nn.Module:
-    """``model.arch``: coca -> ContrastiveCaptioner (CLIP / CoCa / SyCoCa), fusion -> FusionModel (ALBEF).
+def build_model(cfg: ModelConfig, vocab_size: int = 0, full=None, tokenizer=None) -> nn.Module:
+    """``model.arch``: coca -> ContrastiveCaptioner (CLIP / CoCa / SyCoCa), fusion -> FusionModel (ALBEF),
+    maccap -> MacCap (needs the whole config ``full`` and the ``tokenizer``; zeroshot/maccap.py).
     ``cfg.vocab_size`` wins when > 0, else the tokenizer's ``vocab_size``."""
     vocab = cfg.vocab_size if cfg.vocab_size > 0 else vocab_size
     validate_model_config(cfg, vocab)
+    if cfg.arch == "maccap":
+        if full is None or tokenizer is None:
+            raise ValueError("model.arch=maccap is built from the whole config and the tokenizer")
+        from ..zeroshot.maccap import MacCap
+        return MacCap(cfg, full.maccap, full.lm, tokenizer)
     if cfg.arch == "fusion":
         from .albef import FusionModel
         return FusionModel(cfg, vocab)

@@ -50,7 +50,8 @@ class VisionTransformer(nn.Module):
         enter the encoder) and ``patches`` is (B, K, D) in the order of ``keep``.
 
         The attention map is the last block's, from the cls query to the patch keys, renormalised over
-        the patches (so it sums to 1) and averaged over heads.
+        the patches (so it sums to 1) and averaged over heads; ``return_attn="full"`` gives the whole
+        head-averaged map (B, 1+N, 1+N) instead (row 0: the cls query; MacCap's subregions).
         """
         x = self.patch_embed(self.patchify(images)) + self.pos_embed[:, 1:]  # (B, N, D)
         if keep is not None:
@@ -64,8 +65,11 @@ class VisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             if return_attn and i == len(self.blocks) - 1:
                 x, w = blk(x, need_weights=True)                           # w: (B, H, 1+N, 1+N)
-                w = w[:, :, 0, 1:]                                         # (B, H, N) cls query -> patches
-                attn = (w / w.sum(dim=-1, keepdim=True)).mean(dim=1)       # (B, N)
+                if return_attn == "full":
+                    attn = w.mean(dim=1)                                   # (B, 1+N, 1+N) head-averaged
+                else:
+                    w = w[:, :, 0, 1:]                                     # (B, H, N) cls query -> patches
+                    attn = (w / w.sum(dim=-1, keepdim=True)).mean(dim=1)   # (B, N)
             else:
                 x = run_block(blk, x, ckpt)
             if i == hidden_at:

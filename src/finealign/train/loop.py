@@ -51,10 +51,23 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         seed_everything(tc.seed)
         self.device = pick_device(tc.device)
+        backbone = None
+        if cfg.model.arch == "maccap" and not cfg.maccap.backbone and not resume:
+            raise ValueError("model.arch=maccap trains over a frozen backbone: set maccap.backbone=RUN_OR_CHECKPOINT "
+                             "(a CLIP / CoCa / SyCoCa run)")
+        if cfg.maccap.backbone:                  # MacCap: the frozen backbone's model config and tokenizer
+            from ..zeroshot.maccap import resolve_backbone
+            cfg, backbone = resolve_backbone(cfg)
+            self.cfg = cfg
         self.run_dir = make_run_dir(cfg, resume)
         self.skips = SkipLog(strict=cfg.data.strict)
+        if backbone is not None and not (self.run_dir / "tokenizer.json").exists() and not cfg.tokenizer.path:
+            (self.run_dir / "tokenizer.json").write_text(ckpt.load_checkpoint(backbone)["extra"]["tokenizer_json"])
         self.tokenizer = build_tokenizer(cfg, self.run_dir, self.skips)
-        self.model = build_model(cfg.model, self.tokenizer.vocab_size).to(self.device)
+        self.model = build_model(cfg.model, self.tokenizer.vocab_size, full=cfg, tokenizer=self.tokenizer)
+        if backbone is not None and not resume:
+            ckpt.load_weights(self.model.backbone, backbone)
+        self.model.to(self.device)
         self.objectives = build_objectives(cfg.objectives).to(self.device)
         needs = {r for o in self.objectives.values() for r in o.requires}
         self.pipeline = Pipeline(self.model, cfg.masking, self.tokenizer, needs, mixer=cfg.mixer,

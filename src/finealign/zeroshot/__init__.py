@@ -1,0 +1,1 @@
+"""Zero-shot captioning from text-only training (MacCap, CapDec) on a frozen contrastive backbone."""

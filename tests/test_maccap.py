@@ -1,0 +1,171 @@
+"""MacCap parts: noise, the prefix-LM targets, subregions, re-ranking, the HF LM path, training wiring."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finealign.config import ConfigError, load_config
+from finealign.objectives.prefix_lm import prefix_lm_targets
+from finealign.zeroshot.features import aggregate, inject_noise, rerank, subregion_features
+
+
+def test_noise_has_the_configured_variance_and_independent_copies():
+    g = torch.Generator().manual_seed(0)
+    e = F.normalize(torch.randn(500, 64, generator=g), dim=-1)
+    x = inject_noise(e, 0.016, 4, torch.Generator().manual_seed(1), normalize=False)     # (500, 4, 64)
+    d = x - e[:, None]
+    assert d.mean().abs() < 0.002
+    assert d.var().item() == pytest.approx(0.016, rel=0.03)          # 128k draws: sd of the estimate ~0.4%
+    c = torch.corrcoef(torch.stack([d[:, 0].flatten(), d[:, 1].flatten()]))[0, 1]
+    assert abs(c) < 0.02                                              # copies draw their own noise
+    y = inject_noise(e, 0.016, 4, torch.Generator().manual_seed(1))
+    assert torch.allclose(y.norm(dim=-1), torch.ones(500, 4), atol=1e-5)
+    assert torch.allclose(y, F.normalize(x, dim=-1))                  # same seed, same draws
+    assert torch.allclose(inject_noise(e, 0.0, 3), e[:, None].expand(-1, 3, -1), atol=1e-6)
+
+
+def test_prefix_positions_bos_and_pads_are_not_targets():
+    ids = torch.tensor([[1, 7, 8, 2, 0], [1, 9, 2, 0, 0]])
+    mask = ids != 0
+    mask[:, 0] = True
+    labels = prefix_lm_targets(ids, mask, prefix_len=3, start=1)      # (2, 8)
+    assert labels.tolist() == [[-100, -100, -100, 7, 8, 2, -100, -100],
+                               [-100, -100, -100, 9, 2, -100, -100, -100]]
+    # start = 0 (GPT-2 style): the last prefix position predicts the first caption token
+    assert prefix_lm_targets(ids[:1, 1:], mask[:1, 1:], 3, 0)[0, 2].item() == 7
+    from finealign.objectives.prefix_lm import PrefixLM
+    from finealign.objectives import StepContext
+    from finealign.types import Features
+    logits = torch.randn(2, 8, 12)
+    feats = Features(caption_logits=logits, extras={"lm_ids": ids, "lm_mask": mask, "prefix_len": torch.tensor(3),
+                                                    "lm_start": torch.tensor(1)})
+    a = PrefixLM()(feats, None, StepContext())["loss"]
+    logits2 = logits.clone()
+    logits2[:, :2] = torch.randn(2, 2, 12) * 10                      # prefix outputs do not matter
+    b = PrefixLM()(feats.replace(caption_logits=logits2), None, StepContext())["loss"]
+    assert a.item() == pytest.approx(b.item())
+    ok = labels != -100
+    ref = F.cross_entropy(logits[ok], labels[ok])
+    assert a.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_subregions_on_a_hand_built_attention_map():
+    N = 4
+    attn = torch.zeros(1, 1 + N, 1 + N)
+    attn[0, 0, 1:] = torch.tensor([0.1, 0.5, 0.3, 0.1])              # cls -> patches: top-2 = patches 1, 2
+    attn[0, 2, 1:] = torch.tensor([0.0, 0.5, 0.5, 0.0])              # patch 1 attends to patches 1 and 2
+    attn[0, 3, 1:] = torch.tensor([0.0, 0.0, 0.0, 2.0])              # patch 2 attends to patch 3 (renormalised)
+    dense = torch.eye(N)[None]                                        # patch j's embedding = e_j
+    feats, top = subregion_features(dense, attn, k=2)
+    assert top.tolist() == [[1, 2]]
+    assert torch.allclose(feats[0, 0], F.normalize(torch.tensor([0.0, 1.0, 1.0, 0.0]), dim=0))
+    assert torch.allclose(feats[0, 1], torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    g = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    agg = aggregate(g, feats, weight=1.0)
+    assert torch.allclose(agg[0, 1], F.normalize(torch.tensor([1.0, 0.0, 0.0, 1.0]), dim=0))
+
+
+def test_rerank_returns_the_most_similar_candidate():
+    img = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    cands = F.normalize(torch.tensor([[[0.0, 1.0], [1.0, 0.2], [1.0, 1.0]],
+                                      [[1.0, 0.0], [0.3, 1.0], [0.1, 1.0]]]), dim=-1)
+    assert rerank(img, cands).tolist() == [1, 2]
+
+
+def test_maccap_config_checks():
+    with pytest.raises(ConfigError, match="prefix_lm trains a MacCap model"):
+        load_config("clip", ["objectives.prefix_lm.weight=1"])
+    with pytest.raises(ConfigError, match="trains only objectives.prefix_lm"):
+        load_config("maccap", ["objectives.itc.weight=1"])
+    with pytest.raises(ConfigError, match="maccap.noise_var"):
+        load_config("maccap", ["maccap.noise_var=-1"])
+
+
+def _tiny_backbone(tmp_path):
+    from finealign.train.loop import Trainer
+    run = tmp_path / "backbone"
+    cfg = load_config("clip", ["data.source=shapes", "data.num_samples=64", "data.batch_size=16", "train.steps=1",
+                               "train.ckpt_every=0", "tokenizer.vocab_size=300", f"train.run_dir={run}"])
+    Trainer(cfg, progress=False).train()
+    return run
+
+
+TINY_MACCAP = ["data.num_samples=64", "data.batch_size=8", "train.log_every=1", "maccap.adaptor_width=32",
+               "maccap.adaptor_heads=2", "maccap.queries=4", "maccap.copies=3", "lm.width=32", "lm.layers=1",
+               "lm.heads=2", "train.warmup=0", "train.lr=1e-3"]
+
+
+def test_text_only_training_leaves_the_backbone_frozen_and_reloads(tmp_path, capsys):
+    from finealign.api import load
+    from finealign.train.loop import Trainer
+    bb = _tiny_backbone(tmp_path)
+    run = tmp_path / "maccap"
+    cfg = load_config("maccap", TINY_MACCAP + [f"maccap.backbone={bb}", "train.steps=3", f"train.run_dir={run}"])
+    t = Trainer(cfg, progress=False)
+    before = {k: v.clone() for k, v in t.model.backbone.state_dict().items()}
+    lm_before = t.model.lm.tok_embed.weight.clone()
+    t.train()
+    assert all(torch.equal(before[k], v) for k, v in t.model.backbone.state_dict().items())
+    assert not torch.equal(lm_before, t.model.lm.tok_embed.weight)       # the own LM trains
+    assert t.cfg.model.arch == "maccap" and t.cfg.model.vision_width == load(bb).config.model.vision_width
+    m = load(run)
+    images = torch.randn(2, 3, 32, 32)
+    a = m.model.caption_images(images, strategy="greedy", max_new_tokens=4)
+    b = t.model.eval().caption_images(images, strategy="greedy", max_new_tokens=4)
+    assert a == b and len(a) == 2 and all(isinstance(c, str) for c in a)
+    from PIL import Image
+    from finealign.cli import main
+    png = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (220, 40, 40)).save(png)
+    assert main(["caption", str(run), "--zero-shot", "--decode", "greedy", str(png)]) == 0
+    assert main(["caption", str(bb), "--zero-shot", str(png)]) == 2      # not a MacCap run: a clear error
+    err = capsys.readouterr().err
+    assert "--zero-shot needs a MacCap run" in err
+
+
+def test_hf_causal_lm_from_a_local_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from finealign.data.tokenizer import Tokenizer
+    from finealign.train.loop import Trainer
+    from finealign.zeroshot.lm import HFCausalLM, generate
+    tok = Tokenizer.train(["a small red circle", "a large blue square on the left"] * 20, vocab_size=300)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.hf, bos_token="<bos>", eos_token="<eos>",
+                                                  pad_token="<pad>", unk_token="<unk>")
+    lm_dir = tmp_path / "tiny-gpt2"
+    config = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=128,
+                                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(lm_dir)
+    hf_tok.save_pretrained(lm_dir)
+    lm = HFCausalLM(lm_dir)
+    ids, mask, start = lm.tokenize(["a small red circle"])
+    assert start == 0 and ids[0, -1].item() == tok.eos_id and mask.all()
+    assert all(not p.requires_grad for p in lm.parameters())          # frozen by default
+    prefix = torch.randn(1, 4, 32)
+    out = generate(lm, prefix, ids[:, :0], "greedy", max_new_tokens=5)
+    assert len(out) == 1 and len(out[0]) <= 5
+    # a MacCap run writes its prefix into the frozen HF LM
+    bb = _tiny_backbone(tmp_path)
+    run = tmp_path / "maccap-hf"
+    cfg = load_config("maccap", TINY_MACCAP + [f"maccap.backbone={bb}", "train.steps=2", f"train.run_dir={run}",
+                                               f"lm.path={lm_dir}"])
+    t = Trainer(cfg, progress=False)
+    w = t.model.lm.model.transformer.wte.weight.clone()
+    t.train()
+    assert torch.equal(w, t.model.lm.model.transformer.wte.weight)
+    caps = t.model.eval().caption_images(torch.randn(2, 3, 32, 32), strategy="beam", beam_size=2, max_new_tokens=4)
+    assert len(caps) == 2
+
+
+def test_noise_var_auto_reads_the_backbones_measured_gap(tmp_path):
+    import json
+    from finealign.zeroshot.maccap import resolve_backbone
+    bb = _tiny_backbone(tmp_path)
+    cfg = load_config("maccap", TINY_MACCAP + [f"maccap.backbone={bb}", "maccap.noise_var=auto"])
+    with pytest.raises(FileNotFoundError, match="finealign analyze gap"):
+        resolve_backbone(cfg)
+    (bb / "gap").mkdir()
+    (bb / "gap" / "gap.json").write_text(json.dumps({"suggested_noise_var": 0.0123}))
+    resolved, _ = resolve_backbone(cfg)
+    assert resolved.maccap.noise_var == pytest.approx(0.0123) and resolved.model.arch == "maccap"
