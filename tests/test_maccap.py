@@ -169,3 +169,30 @@ def test_noise_var_auto_reads_the_backbones_measured_gap(tmp_path):
     (bb / "gap" / "gap.json").write_text(json.dumps({"suggested_noise_var": 0.0123}))
     resolved, _ = resolve_backbone(cfg)
     assert resolved.maccap.noise_var == pytest.approx(0.0123) and resolved.model.arch == "maccap"
+
+
+def test_text_only_captioner_names_the_colour_of_the_largest_object(tmp_path):
+    """Backbone CLIP on shapes (data.seed 0), MacCap trained on the captions of other scenes (seed 1):
+    greedy captions of unseen test images mention the largest object's colour far more often than
+    the same captions shuffled across images (measured: 81% vs 28% at 300 + 400 steps; 39% vs 19% with 250 MacCap steps)."""
+    from finealign.data.sources.shapes import make_scene, render
+    from finealign.data.transforms import ImageTransform
+    from finealign.train.loop import Trainer
+    bb = tmp_path / "bb"
+    Trainer(load_config("clip", ["data.source=shapes", "train.steps=300",
+                                 "data.batch_size=64", "train.lr=1e-3", "train.warmup=30", "train.ckpt_every=0",
+                                 "train.log_every=50", f"train.run_dir={bb}"]), progress=False).train()
+    cfg = load_config("maccap", [f"maccap.backbone={bb}", "train.steps=400", "data.batch_size=32", "train.lr=1e-3",
+                                 "train.warmup=50", "train.ckpt_every=0", "train.log_every=50",
+                                 f"train.run_dir={tmp_path / 'mc'}", "maccap.adaptor_width=128", "maccap.adaptor_heads=4",
+                                 "lm.width=128", "lm.layers=2", "maccap.subregions=0", "maccap.samples=1"])
+    t = Trainer(cfg, progress=False)
+    t.train()
+    tf = ImageTransform(cfg.model.image_size, train=False)
+    scenes = [make_scene(0, "test", i) for i in range(60)]
+    images = torch.stack([tf(render(s)) for s in scenes])
+    caps = t.model.eval().caption_images(images, strategy="greedy", max_new_tokens=16)
+    colour = [s.objects[s.primary].colour for s in scenes]
+    hit = sum(c in cap for c, cap in zip(colour, caps)) / len(caps)
+    shuffled = sum(c in cap for c, cap in zip(colour, caps[1:] + caps[:1])) / len(caps)
+    assert hit > shuffled + 0.25 and hit > 0.5, (hit, shuffled, caps[:3])

@@ -10,7 +10,7 @@ import torch
 
 from finealign.config import DataConfig, load_config
 from finealign.data.skips import SkipLog
-from finealign.data.sources.shapes import Obj, Scene, make_scene, render
+from finealign.data.sources.shapes import Obj, Scene, make_scene
 from finealign.data.sources.shapes_vqa import (COLOUR_ANSWERS, COUNT_ANSWERS, POSITION_ANSWERS, build_vqa,
                                                vqa_questions)
 from finealign.data.transforms import ImageTransform

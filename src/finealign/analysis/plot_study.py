@@ -47,8 +47,5 @@ def save_study_plot(results_path: str | Path, out: str | Path, x: str = "data.fr
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    from .viz import save_figure
+    return save_figure(fig, out, plt)

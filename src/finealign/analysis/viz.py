@@ -81,7 +81,7 @@ def save_mask_figure(loaded, image_path: str | Path, text: str, out: str | Path)
     if cfg.masking.sync or cfg.model.arch == "fusion":
         from .viz_sync import draw_sync_figure
         fig, _ = draw_sync_figure(loaded, image, text, plt)
-        return _save(fig, out, plt)
+        return save_figure(fig, out, plt)
     panels = mask_panels(loaded.model, loaded.tokenizer, cfg, image, text)
     p, g = panels["patch"], panels["grid"]
     shown = denormalize(image)
@@ -94,7 +94,7 @@ def save_mask_figure(loaded, image_path: str | Path, text: str, out: str | Path)
     fig = tile_figure(plt, tiles, height=3.4)
     fig.suptitle(f'"{text}"', fontsize=10)
     fig.tight_layout()
-    return _save(fig, out, plt)
+    return save_figure(fig, out, plt)
 
 
 def tile_figure(plt, tiles, height: float):
@@ -107,9 +107,10 @@ def tile_figure(plt, tiles, height: float):
     return fig
 
 
-def _save(fig, out, plt) -> Path:
+def save_figure(fig, out, plt, dpi: int = 100) -> Path:
+    """Write ``fig`` to ``out`` (parent directories created) and close it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out

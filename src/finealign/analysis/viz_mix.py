@@ -96,8 +96,5 @@ def save_mix_figure(loaded, out: str | Path, split: str = "val", num: int = 4, m
     fig.suptitle(f"mixer: {pan['mixer']} (red: window replaced in the target, green: taken from the source)",
                  fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    from .viz import save_figure
+    return save_figure(fig, out, plt)

@@ -164,8 +164,5 @@ def save_prototype_figure(loaded, images_dir: str | Path, out: str | Path, num: 
     fig.suptitle(f"top {rows} prototypes by patch count ({len(paths)} images, "
                  f"{logits.shape[1]} patches each, K={logits.shape[2]})", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    from .viz import save_figure
+    return save_figure(fig, out, plt)

@@ -85,17 +85,22 @@ class ContrastiveCaptioner(nn.Module):
         hidden (B, N, Dv): the patch tokens after that vision block."""
         out = self.visual(images, return_attn=return_attn, hidden_at=hidden_at)
         cls, patches = out[0], out[1]
-        if self.image_pool == "attn":
-            img = self.pooler(patches, queries=slice(0, 1))[:, 0]           # (B, Dt) contrastive query
-        else:
-            img = cls                                                       # (B, Dv)
-        res = {"embed": F.normalize(self.image_proj(img), dim=-1), "cls": cls, "patches": patches,
+        res = {"embed": self.global_embed(cls, patches), "cls": cls, "patches": patches,
                "memory": self.caption_memory(patches) if memory and self.has_decoder else None}
         if return_attn:
             res["attn"] = out[2]
         if hidden_at is not None:
             res["hidden"] = out[2]
         return res
+
+    def global_embed(self, cls: Tensor, patches: Tensor) -> Tensor:
+        """The contrastive image embedding (B, E), unit-norm, from the ViT outputs: the attentional
+        pooler's contrastive query (CoCa) or the cls token (CLIP), projected."""
+        if self.image_pool == "attn":
+            img = self.pooler(patches, queries=slice(0, 1))[:, 0]           # (B, Dt) contrastive query
+        else:
+            img = cls                                                       # (B, Dv)
+        return F.normalize(self.image_proj(img), dim=-1)
 
     def caption_memory(self, patches: Tensor) -> Tensor:
         """Patch tokens (B, K, Dv) (all, or the ones a mask keeps) -> decoder memory (B, Q, Dt)."""

@@ -87,8 +87,7 @@ class MacCap(nn.Module):
         bb = self.backbone
         if self.mc.subregions > 0:
             cls, patches, attn = bb.visual(images, return_attn="full")               # attn (B, 1+N, 1+N)
-            g = bb.encode_image(images, memory=False)["embed"] if bb.image_pool == "attn" else \
-                nn.functional.normalize(bb.image_proj(cls), dim=-1)
+            g = bb.global_embed(cls, patches)                                        # (B, E)
             sub, _ = subregion_features(bb.dense_image_embed(patches), attn, self.mc.subregions)
             feats = aggregate(g, sub, self.mc.subregion_weight)                      # (B, k, E)
             noise = inject_noise(feats.flatten(0, 1), self.noise_var, 1, generator)    # (B*k, 1, E)
