@@ -149,6 +149,14 @@ def _config_mismatch(run_dir: Path, cfg) -> str | None:
     return None
 
 
+def _resolved(cfg):
+    """The config as the trainer saves it (MacCap runs copy their backbone's model section in)."""
+    if cfg.maccap.backbone:
+        from .zeroshot.maccap import resolve_backbone
+        return resolve_backbone(cfg)[0]
+    return cfg
+
+
 def _config_summary(cfg) -> dict[str, Any]:
     return {"recipe": cfg.recipe, "model.preset": cfg.model.preset, "objectives": cfg.active_objectives(),
             "eval.tasks": list(cfg.eval.tasks), **{k: _get(cfg, k) for k in SAME_KEYS},
@@ -233,7 +241,7 @@ def run_ablation(path: str | os.PathLike, seeds: int | Sequence[int] = 3, overri
         tag = f"[{i}/{total}] {name} seed {seed}"
         result_path = run_dir / RESULT_FILE
         if resume and (result_path.exists() or list_checkpoints(run_dir)):   # something to reuse
-            bad = _config_mismatch(run_dir, cfg)
+            bad = _config_mismatch(run_dir, _resolved(cfg))
             if bad:
                 raise ValueError(f"{run_dir} was run with a different config ({bad}); use --no-resume to "
                                  f"retrain it or another --out")
