@@ -62,7 +62,9 @@ class Trainer:
         self.run_dir = make_run_dir(cfg, resume)
         self.skips = SkipLog(strict=cfg.data.strict)
         if backbone is not None and not (self.run_dir / "tokenizer.json").exists() and not cfg.tokenizer.path:
-            (self.run_dir / "tokenizer.json").write_text(ckpt.load_checkpoint(backbone)["extra"]["tokenizer_json"])
+            # resolve_backbone verified this checkpoint's hashes already: read its tokenizer without re-hashing
+            (self.run_dir / "tokenizer.json").write_text(
+                ckpt.load_checkpoint(backbone, verify=False)["extra"]["tokenizer_json"])
         self.tokenizer = build_tokenizer(cfg, self.run_dir, self.skips)
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, full=cfg, tokenizer=self.tokenizer)
         if backbone is not None and not resume:
