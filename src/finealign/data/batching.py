@@ -12,24 +12,24 @@ is the number of batches of an epoch (semi-hard: an upper bound until its plan i
 * ``SemiHardBatches``: ``data.samplers.SemiHardBatchSampler``; starts without embeddings (random
   batches under the item rule) until ``update(epoch, position, emb)`` hands it (N, E) embeddings.
 
-Streaming sources: ``StreamBatches`` (an ``IterableDataset`` of item lists, same ``epoch`` / ``start``).
+Several ranks: ``RankSlice(plan, rank, world_size, batch_size)`` hands rank ``r`` the ``r``-th contiguous
+slice of each global batch. Streaming sources: ``streaming.StreamBatches`` (re-exported here).
 """
 from __future__ import annotations
 
 import logging
-import random
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
 
 from ..config import DataConfig
-from .sources.common import Skipped, load_item, sample_seed
+from .streaming import StreamBatches
 
 log = logging.getLogger("finealign")
 
-__all__ = ["GroupedBatches", "RandomBatches", "SemiHardBatches", "StreamBatches", "build_batches"]
+__all__ = ["GroupedBatches", "RandomBatches", "RankSlice", "SemiHardBatches", "StreamBatches",
+           "build_batches"]
 
 
 def build_batches(dataset, cfg: DataConfig):
@@ -212,63 +212,25 @@ class SemiHardBatches(RandomBatches):
         self.inner.load_state_dict(state)
 
 
-# ---------------------------------------------------------------------------- streaming sources
+# ---------------------------------------------------------------------------- several ranks
 
-def _shuffled(stream: Iterable, rnd: random.Random, size: int) -> Iterator:
-    """Shuffle buffer; ``Skipped`` markers pass straight through."""
-    buf: list = []
-    for x in stream:
-        if isinstance(x, Skipped) or size <= 1:
-            yield x
-        elif len(buf) < size:
-            buf.append(x)
-        else:
-            j = rnd.randrange(size)
-            yield buf[j]
-            buf[j] = x
-    rnd.shuffle(buf)
-    yield from buf
+class RankSlice:
+    """Rank ``rank``'s share of every global batch (``batch_size`` rows) of ``plan``: the contiguous
+    rows ``[rank * L, (rank + 1) * L)`` with ``L = batch_size // world_size``.
 
+    Every rank builds the same global plan (same seed, ``data.batch_size`` = the global batch), so
+    the shares are disjoint and, concatenated in rank order, give the batch one process would see.
+    The loader still sets ``epoch`` / ``start`` (and reads state) on the plan itself; the length is
+    the plan's (one share per global batch)."""
 
-class StreamBatches(IterableDataset):
-    """Batches (lists of items / ``Skipped``) of a streaming source for epoch ``epoch``, from batch
-    ``start`` on (the DataLoader's ``collate_fn`` collates them in the worker).
+    def __init__(self, plan, rank: int, world_size: int, batch_size: int):
+        self.plan, self.rank, self.world_size = plan, int(rank), int(world_size)
+        self.local = int(batch_size) // self.world_size
 
-    Every worker reads the whole stream (same seeded shuffle buffer) and decodes only the batches
-    it owns: ``(b - start) % num_workers == worker_id``. The DataLoader fetches round-robin, so the
-    batch order equals the single-process order. Batches before ``start`` are skipped without
-    decoding (that is how a resume fast-forwards). ``Skipped`` markers of the source ride with
-    the batch being filled when they arrive (markers in the dropped last partial batch are lost).
-    Cost: each worker parses every shard (I/O x workers); only image decoding is split.
-    """
+    def __len__(self) -> int:
+        return len(self.plan)
 
-    def __init__(self, source, transform, batch_size: int, seed: int, shuffle_buffer: int,
-                 strict: bool):
-        super().__init__()
-        self.source, self.transform, self.batch_size = source, transform, batch_size
-        self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
-        self.epoch, self.start = 0, 0
-
-    def __iter__(self) -> Iterator[list]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        B = self.batch_size
-        src = self.source
-        stream = src.iter_with_skips() if hasattr(src, "iter_with_skips") else iter(src)
-        rnd = random.Random(sample_seed(self.seed, self.epoch, 0x5EED))
-        p, items = 0, []
-        for x in _shuffled(stream, rnd, self.shuffle_buffer):
-            b = p // B
-            mine = b >= self.start and (b - self.start) % nw == wid
-            if isinstance(x, Skipped):
-                if mine:
-                    items.append(x)
-                continue
-            if mine:
-                r = random.Random(sample_seed(self.seed, self.epoch, p))
-                cap = x.captions[r.randrange(len(x.captions))] if x.captions else ""
-                items.append(load_item(x, cap, self.transform, r, self.strict))
-            p += 1
-            if p % B == 0 and mine:
-                yield items
-                items = []
+    def __iter__(self):
+        lo = self.rank * self.local
+        for batch in self.plan:
+            yield batch[lo: lo + self.local]

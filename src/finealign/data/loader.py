@@ -5,8 +5,9 @@
 * ``collate_items`` / ``Collator``: items -> ``Batch`` (tokenisation happens in the main process).
   With ``data.views: 2`` the training transform is a ``TwoViewTransform``: an item's ``image`` is
   a pair of views (decoded once, transformed twice) and the batch gets ``images2``.
-* ``TrainLoader``: endless, deterministic, resumable batch iterator (map-style or streaming);
-  the batch orders themselves (random / grouped / semi_hard, streaming) live in ``batching.py``.
+* ``TrainLoader`` (defined in ``train_loader.py``, importable from here): endless, deterministic,
+  resumable batch iterator (map-style or streaming; one rank or several); the batch orders live in
+  ``batching.py`` (random / grouped / semi_hard) and ``streaming.py`` (shards per rank and worker).
 * ``iter_eval_images`` / ``collect_captions``: unique images and all captions of an eval split.
 
 Determinism: the order of epoch ``e`` (random sampler) is ``randperm(N, Generator().manual_seed(seed
@@ -30,10 +31,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ..config import DataConfig
 from ..registry import SOURCES
 from ..types import Batch, Sample
-from .batching import SemiHardBatches, StreamBatches, build_batches
 from .skips import BadSampleError, SkipLog
 from .sources.common import Skipped, classify_error, load_item, sample_seed
-from .transforms import ImageTransform, TwoViewTransform
 
 __all__ = ["BadSampleError", "Collator", "PairDataset", "Skipped", "TrainLoader", "apply_fraction",
            "build_source", "classify_error", "collate_items", "collect_captions",
@@ -89,6 +88,15 @@ class FractionStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Sample]:
         return (s for s in iter(self.src) if self._keep(s))
+
+    @property
+    def shards(self) -> list[str] | None:
+        """The wrapped source's shard list (None when it has none)."""
+        return getattr(self.src, "shards", None)
+
+    def with_shards(self, shards: list[str], id_stride: int = 1, id_offset: int = 0) -> "FractionStream":
+        """The same subset rule over the wrapped source restricted to ``shards``."""
+        return FractionStream(self.src.with_shards(shards, id_stride, id_offset), self.fraction, self.seed)
 
 
 # ---------------------------------------------------------------------------- items
@@ -180,152 +188,12 @@ class Collator:
 
 # ---------------------------------------------------------------------------- training loader
 
-class TrainLoader:
-    """Endless iterator of training ``Batch``es with a deterministic, resumable order.
-
-    Map-style sources: the batch plan ``cfg.sampler`` names (``data.batching``): random (epoch ``e``
-    visits caption pairs in ``randperm(N, seed + e)`` order, ``N // batch_size`` batches, drop_last),
-    grouped or semi_hard (``update_embeddings`` feeds it). Streaming sources (webdataset, random
-    only): shards are read in order through a seeded shuffle buffer (``shuffle_buffer`` samples,
-    seed from (seed, epoch)); one caption per sample is drawn; an epoch is one pass. A resume
-    replays the stream and skips the consumed ``position * batch_size`` samples without decoding.
-
-    Batches may hold fewer than ``batch_size`` rows when samples were skipped (listed in
-    ``Batch.skipped`` and counted in ``self.skips``); all-skipped batches are not yielded (their
-    skips ride along with the next batch). Settings come from ``cfg`` (batch_size, workers,
-    seed, augment, strict, sampler, views); ``transform`` overrides the default training
-    ``ImageTransform``; with ``views: 2`` it is wrapped in a ``TwoViewTransform`` (``Batch.images2``).
-    ``state_dict()`` -> ``{"epoch", "position"}`` (batches consumed in the epoch) plus, for
-    semi_hard, ``"sampler": {"kind", "used" (N,) bool, "embeddings" (N, E) or None}``;
-    ``load_state_dict`` continues with exactly the next batch. Restarting an iterator never
-    draws from the global torch RNG (the DataLoader has its own generator).
-    """
-
-    def __init__(self, source, tokenizer, cfg: DataConfig, image_size: int, context_length: int,
-                 skips: SkipLog | None = None, shuffle_buffer: int = 1000, transform=None):
-        self.cfg = cfg
-        self.collator = Collator(tokenizer, context_length, image_size)
-        self.batch_size, self.seed, self.workers = int(cfg.batch_size), int(cfg.seed), int(cfg.workers)
-        transform = transform or ImageTransform(image_size, train=True, augment=cfg.augment)
-        self.views = int(getattr(cfg, "views", 1))
-        if self.views not in (1, 2):
-            raise ValueError(f"data.views must be 1 or 2, got {self.views}")
-        if self.views == 2:
-            transform = TwoViewTransform(transform)
-        self.skips = skips if skips is not None else SkipLog(strict=cfg.strict)
-        self.epoch, self.position = 0, 0
-        self._it: Iterator | None = None
-        self._nonempty = False
-        self._pending: list[tuple[str, str]] = []  # skips of dropped all-skipped batches
-        self.map_style = is_map_style(source)
-        gen = torch.Generator().manual_seed(self.seed)      # iterator seeds: not the global RNG
-        if self.map_style:
-            self.dataset = PairDataset(source, transform, train=True, seed=self.seed, strict=cfg.strict)
-            if len(self.dataset) < self.batch_size:
-                raise ValueError(f"training split has {len(self.dataset)} (image, caption) pairs, "
-                                 f"fewer than data.batch_size={self.batch_size}")
-            self._sampler = build_batches(self.dataset, cfg)
-            self._dl = DataLoader(self.dataset, batch_sampler=self._sampler, collate_fn=collate_items,
-                                  num_workers=self.workers, persistent_workers=self.workers > 0,
-                                  generator=gen)
-        else:
-            if cfg.sampler != "random":
-                raise ValueError(f"data.sampler={cfg.sampler} needs a map-style source; "
-                                 f"{type(source).__name__} streams (use data.sampler=random)")
-            self.dataset = StreamBatches(source, transform, self.batch_size, self.seed,
-                                          shuffle_buffer, cfg.strict)
-            # not persistent: workers must see the updated epoch/start when re-created
-            self._dl = DataLoader(self.dataset, batch_size=None, collate_fn=collate_items,
-                                  num_workers=self.workers, generator=gen)
-
-    @property
-    def batches_per_epoch(self) -> int | None:
-        """Batches in the current epoch (None for streaming sources, where it is unknown;
-        semi_hard: an upper bound until the epoch's plan is complete)."""
-        return self._sampler.epoch_length(self.epoch) if self.map_style else None
-
-    # ------------------------------------------------------------------ semi-hard sampler
-    @property
-    def semi_hard(self) -> SemiHardBatches | None:
-        """The semi-hard batch plan, or None for other samplers."""
-        s = getattr(self, "_sampler", None)
-        return s if isinstance(s, SemiHardBatches) else None
-
-    def needs_refresh(self, step: int) -> bool:
-        """True when the trainer should call ``update_embeddings`` before step ``step + 1``."""
-        return self.semi_hard is not None and self.semi_hard.needs_refresh(step)
-
-    def update_embeddings(self, emb: Tensor | None) -> None:
-        """Semi-hard sampler: (N, E) embeddings, one per ``self.dataset`` entry ((image, caption)
-        pair, dataset order), used from the next batch on (the iterator restarts there)."""
-        if self.semi_hard is None:
-            raise TypeError(f"update_embeddings needs data.sampler=semi_hard, not {self.cfg.sampler!r}")
-        if emb is not None and tuple(emb.shape[:1]) != (len(self.dataset),):
-            raise ValueError(f"need one embedding per training pair: ({len(self.dataset)}, E), "
-                             f"got {tuple(emb.shape)}")
-        self._it = None
-        self.semi_hard.update(self.epoch, self.position, emb)
-
-    def sampler_stats(self) -> dict[str, float]:
-        """Semi-hard sampler numbers of the current epoch (see ``SemiHardBatches.stats``); {} else."""
-        return self.semi_hard.stats(self.epoch) if self.semi_hard is not None else {}
-
-    # ------------------------------------------------------------------ state / iteration
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"epoch": self.epoch, "position": self.position}
-        extra = self._sampler.state(self.epoch, self.position) if self.map_style else {}
-        if extra:
-            state["sampler"] = extra
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        if self.map_style:
-            self._sampler.load_state(self.epoch, self.position, state.get("sampler"))
-        self._it = None
-        self._nonempty = self.position > 0
-
-    def __iter__(self) -> "TrainLoader":
-        return self
-
-    def _start(self) -> None:
-        target = self._sampler if self.map_style else self.dataset
-        target.epoch, target.start = self.epoch, self.position
-        self._it = iter(self._dl)
-
-    def __next__(self) -> Batch:
-        while True:
-            if self._it is None:
-                self._start()
-            try:
-                parts = next(self._it)
-            except StopIteration:                           # the epoch is over
-                self._it = None
-                if not self._nonempty:
-                    raise RuntimeError("a whole training epoch produced no usable sample: "
-                                       + (self.skips.summary() if self.skips.total else
-                                          f"the split is smaller than data.batch_size={self.batch_size}"))
-                self.epoch, self.position, self._nonempty = self.epoch + 1, 0, False
-                continue
-            self.position += 1
-            if parts["skipped"]:
-                self.skips.update(list(parts["skipped"]))
-            batch = self.collator.finish(parts)
-            if len(batch) == 0:
-                self._pending.extend(batch.skipped)
-                continue
-            if self._pending:
-                batch.skipped = self._pending + batch.skipped
-                self._pending = []
-            self._nonempty = True
-            return batch
-
-    def close(self) -> None:
-        """Shut down worker processes."""
-        self._it = None
-        it = getattr(self._dl, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+def __getattr__(name: str):
+    # ``TrainLoader`` lives in train_loader.py (which imports this module): resolved on first use
+    if name == "TrainLoader":
+        from .train_loader import TrainLoader
+        return TrainLoader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------- evaluation

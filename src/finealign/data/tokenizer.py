@@ -33,6 +33,10 @@ class Tokenizer:
     """Caption tokenizer with fixed-length batch encoding. Build it with ``train`` or ``load``."""
 
     def __init__(self, hf: HFTokenizer, source: str = "<memory>"):
+        # finealign lays rows out itself ([BOS, tokens, EOS, PAD...], cut to the context): a tokenizer.json that
+        # pads or truncates on its own (sentence-transformers' "Fixed 128") would break that layout
+        hf.no_padding()
+        hf.no_truncation()
         self.hf = hf
         self.source = source
         self._pad = self._find(PAD_NAMES, "pad")

@@ -9,9 +9,11 @@ also works.
 
 ``build`` returns a ``WebDatasetSource`` (an ``IterableDataset`` of Samples, stream order,
 ``image_id`` = position in the stream). Members without an image or a caption are counted as
-"unpaired member"; unreadable shards as "corrupt shard". Every iteration reads all shards: the
-loader splits work among DataLoader workers itself (see ``loader.TrainLoader``), which keeps the
-batch order independent of the worker count. ``write_shards`` writes Samples into shards.
+"unpaired member"; unreadable shards as "corrupt shard". Every iteration reads all of its shards
+(webdataset's own node / worker splitting is off): the training loader decides who reads what
+(``data/streaming.py``). ``with_shards(subset)`` gives the same source over other shards, which is
+how the loader deals shards to (rank, worker) slots (``data.shard_split``) or resamples them
+(``data.resample``). ``write_shards`` writes Samples into shards (``finealign data shard``).
 """
 from __future__ import annotations
 
@@ -103,14 +105,22 @@ def _regions(meta: dict) -> list[Region]:
 class WebDatasetSource(IterableDataset):
     """Iterable of Samples read from tar shards (stream order, no shuffling here)."""
 
-    def __init__(self, shards: list[str], skips: SkipLog | None = None, caption_key: str = "caption"):
+    def __init__(self, shards: list[str], skips: SkipLog | None = None, caption_key: str = "caption",
+                 id_stride: int = 1, id_offset: int = 0):
         super().__init__()
         self.shards = list(shards)
         self.skips = skips if skips is not None else SkipLog()
         self.caption_key = caption_key
+        # positional ids (image_id; item_id when the json has none) are n * id_stride + id_offset, so
+        # that the streams of several (rank, worker) slots never hand out the same id
+        self.id_stride, self.id_offset = int(id_stride), int(id_offset)
 
     def __repr__(self) -> str:
         return f"WebDatasetSource({len(self.shards)} shard(s), first={self.shards[:1]})"
+
+    def with_shards(self, shards: list[str], id_stride: int = 1, id_offset: int = 0) -> "WebDatasetSource":
+        """The same source (skip log, caption key) over ``shards``, positional ids strided."""
+        return WebDatasetSource(shards, self.skips, self.caption_key, id_stride, id_offset)
 
     def iter_with_skips(self) -> Iterator[Sample | Skipped]:
         """Samples in stream order, with ``Skipped`` markers for bad members/shards in place."""
@@ -130,9 +140,9 @@ class WebDatasetSource(IterableDataset):
                 has_text = "txt" in rec or "json" in rec
                 yield Skipped("empty caption" if img_ext and has_text else "unpaired member", where)
                 continue
-            item = meta.get("item_id")
+            item, pos = meta.get("item_id"), n * self.id_stride + self.id_offset
             yield Sample(key=where, load_image=BytesImage(rec[img_ext], where), captions=caps,
-                         image_id=n, item_id=int(item) if isinstance(item, int) else n,
+                         image_id=pos, item_id=int(item) if isinstance(item, int) else pos,
                          label=None if meta.get("label") is None else str(meta["label"]),
                          category=None if meta.get("category") is None else str(meta["category"]),
                          subcategory=(None if meta.get("subcategory") is None
@@ -196,3 +206,26 @@ def write_shards(samples: Iterable[Sample], pattern: str, maxcount: int = 1000,
             sink.write({"__key__": f"{i:09d}", ext: buf.getvalue(),
                         "txt": meta["caption"], "json": json.dumps(meta).encode("utf-8")})
     return written
+
+
+def write_split_shards(cfg: DataConfig, split: str, pattern: str, maxcount: int = 1000,
+                       image_format: str = "png") -> dict:
+    """Write split ``split`` of the registered source ``cfg.source`` as shards (``finealign data shard``).
+
+    Returns ``{"shards": [paths], "samples": written, "skipped": n, "skips": {reason: count}}``; bad
+    samples (rejected by the source, or images that cannot be read) are skipped and counted."""
+    from ..loader import build_source
+    if maxcount < 1:
+        raise ValueError(f"--maxcount must be >= 1, got {maxcount}")
+    read, write = SkipLog(), SkipLog()
+    seen = 0
+
+    def counted(samples: Iterable[Sample]) -> Iterator[Sample]:
+        nonlocal seen
+        for s in samples:
+            seen += 1
+            yield s
+    paths = write_shards(counted(build_source(cfg, split, read)), pattern, maxcount=maxcount,
+                         image_format=image_format, skips=write)
+    read.update(write)
+    return {"shards": paths, "samples": seen - write.total, "skipped": read.total, "skips": dict(read.counts)}
