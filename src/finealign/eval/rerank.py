@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .retrieval import _check_inputs, recall_metrics, retrieval_labels, retrieval_ranks, topk_images
+from .shard import Sharding
 
 __all__ = ["ITMScorer", "can_rerank", "itm_rerank_metrics", "rerank_ranks", "score_topk"]
 
@@ -49,13 +50,15 @@ def can_rerank(model) -> bool:
 
 @torch.no_grad()
 def score_topk(topk: Tensor, score_pairs: Callable[[Tensor, Tensor], Tensor], batch_size: int = 256,
-               progress: bool = False, desc: str = "itm") -> Tensor:
+               progress: bool = False, desc: str = "itm", shard: Sharding | None = None) -> Tensor:
     """Score every (query, candidate) pair of a top-k table.
 
     Args:
         topk: (Q, k) long, candidate indices of every query.
         score_pairs: ``(query_idx (n,), cand_idx (n,)) -> (n,)`` float scores, n <= ``batch_size``.
         batch_size: pairs per ``score_pairs`` call.
+        shard: split the pair batches over ranks (each rank scores a contiguous run of whole batches,
+            the scores are gathered): a collective; ``score_pairs`` must score any pair on every rank.
     Returns:
         (Q, k) float32 scores, ``out[q, j]`` for the pair (q, ``topk[q, j]``).
     """
@@ -64,17 +67,25 @@ def score_topk(topk: Tensor, score_pairs: Callable[[Tensor, Tensor], Tensor], ba
     Q, k = topk.shape
     query = torch.arange(Q, device=topk.device).repeat_interleave(k)          # (Q*k,)
     cand = topk.reshape(-1)                                                   # (Q*k,)
-    out = torch.empty(Q * k, dtype=torch.float32, device=topk.device)
-    bar = tqdm(total=Q * k, desc=desc, disable=not progress, unit="pair", dynamic_ncols=True)
-    for start in range(0, Q * k, batch_size):
-        stop = min(start + batch_size, Q * k)
-        s = score_pairs(query[start:stop], cand[start:stop])
-        if s.shape != (stop - start,):
-            raise ValueError(f"score_pairs must return ({stop - start},) scores, got {tuple(s.shape)}")
-        out[start:stop] = s.float().to(out.device)
-        bar.update(stop - start)
-    bar.close()
-    return out.view(Q, k)
+    shard = shard or Sharding()
+    lo, hi = shard.bounds(Q * k, batch_size)
+    out = torch.empty(hi - lo, dtype=torch.float32, device=topk.device)
+    bar = tqdm(total=hi - lo, desc=desc, disable=not progress, unit="pair", dynamic_ncols=True)
+    error = None
+    try:
+        for start in range(lo, hi, batch_size):
+            stop = min(start + batch_size, hi)
+            s = score_pairs(query[start:stop], cand[start:stop])
+            if s.shape != (stop - start,):
+                raise ValueError(f"score_pairs must return ({stop - start},) scores, got {tuple(s.shape)}")
+            out[start - lo:stop - lo] = s.float().to(out.device)
+            bar.update(stop - start)
+    except Exception as e:
+        error = e
+    finally:
+        bar.close()
+    shard.agree(error)
+    return shard.gather_rows(out).view(Q, k)
 
 
 def rerank_ranks(itc_ranks: Tensor, topk: Tensor, scores: Tensor, query_label: Tensor,
@@ -99,7 +110,7 @@ def rerank_ranks(itc_ranks: Tensor, topk: Tensor, scores: Tensor, query_label: T
 def itm_rerank_metrics(image_embed: Tensor, text_embed: Tensor, text_to_image: Tensor, k: int,
                        score_pairs: PairScorer | None, ks: Sequence[int] = (1, 5, 10), batch_size: int = 256,
                        chunk: int = 1024, progress: bool = False,
-                       image_groups: Tensor | None = None) -> dict[str, float]:
+                       image_groups: Tensor | None = None, shard: Sharding | None = None) -> dict[str, float]:
     """Recall@K with ITM re-ranking of the ITC top-``k``, plus the ITC-only recalls.
 
     Args:
@@ -107,6 +118,7 @@ def itm_rerank_metrics(image_embed: Tensor, text_embed: Tensor, text_to_image: T
         k: candidates re-ranked per query (clipped to I for texts, to T for images); 0 = no re-ranking.
         score_pairs: ``(image_idx (n,), text_idx (n,)) -> (n,)`` ITM scores (higher = better match),
             e.g. an :class:`ITMScorer`; unused (may be None) when ``k == 0``.
+        shard: spread the ITM scoring over ranks (see :func:`score_topk`); every rank gets the results.
     Returns:
         ``k == 0``: exactly :func:`.retrieval.retrieval_metrics`. Otherwise the re-ranked
         ``{"i2t_r1", ..., "mean_recall"}``, the ITC-only ones as ``"itc_i2t_r1", ..., "itc_mean_recall"``
@@ -126,11 +138,11 @@ def itm_rerank_metrics(image_embed: Tensor, text_embed: Tensor, text_to_image: T
 
     # text queries over images: query q is text q, candidate c is image c
     top_t = topk_images(image_embed, text_embed, k, chunk)                            # (T, k)
-    s_t = score_topk(top_t, lambda q, c: score_pairs(c, q), batch_size, progress, "itm t2i")
+    s_t = score_topk(top_t, lambda q, c: score_pairs(c, q), batch_size, progress, "itm t2i", shard)
     t2i_ranks = rerank_ranks(t2i_itc, top_t, s_t, g_txt, g_img)
     # image queries over texts: query q is image q, candidate c is text c
     top_i = topk_images(text_embed, image_embed, k, chunk)                            # (I, k)
-    s_i = score_topk(top_i, score_pairs, batch_size, progress, "itm i2t")
+    s_i = score_topk(top_i, score_pairs, batch_size, progress, "itm i2t", shard)
     i2t_ranks = rerank_ranks(i2t_itc, top_i, s_i, g_img, g_txt)
 
     out: dict = recall_metrics(i2t_ranks, t2i_ranks, ks)
@@ -155,10 +167,19 @@ class ITMScorer:
         self.text_tokens: Tensor | None = None       # (T, L, Dt)
         self.text_mask: Tensor | None = None         # (T, L) bool
 
+    @staticmethod
+    def image_features(image_out: dict) -> Tensor:
+        """(B, 1 + N, Dv) fusion inputs from ``model.encode_image(images)`` (``cls`` (B, Dv), ``patches``)."""
+        return torch.cat([image_out["cls"][:, None], image_out["patches"]], dim=1)
+
     def add_images(self, image_out: dict) -> None:
         """``image_out``: ``model.encode_image(images)`` with ``cls`` (B, Dv) and ``patches`` (B, N, Dv)."""
-        self._images.append(torch.cat([image_out["cls"][:, None], image_out["patches"]], dim=1))
+        self._images.append(self.image_features(image_out))
         self.images = None
+
+    def set_images(self, features: Tensor) -> None:
+        """All images at once: (I, 1 + N, Dv) rows of :meth:`image_features`, in eval order."""
+        self.images, self._images = features, [features]
 
     def set_texts(self, tokens: Tensor, mask: Tensor) -> None:
         """tokens (T, L, Dt) from ``model.encode_text(...)["tokens"]``, mask (T, L) True on real tokens."""

@@ -21,7 +21,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 __all__ = ["compose_queries", "evaluate_tgir", "tgir_metrics", "tgir_ranks"]
 
@@ -94,32 +93,33 @@ def compose_queries(reference_embed: Tensor, text_embed: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate_tgir(model, cfg, split: str, embed_text: Callable[[list[str]], Tensor],
-                  device: torch.device | str = "cpu", progress: bool = False, skips=None) -> dict:
+                  device: torch.device | str = "cpu", progress: bool = False, skips=None, shard=None) -> dict:
     """Run TGIR on ``cfg.data.source``'s triplets of ``split`` (at most ``cfg.eval.max_images`` queries).
 
     ``embed_text(texts) -> (T, E)`` embeds the modification texts. Gallery images that fail to load are
-    reported to ``skips``; queries whose reference or target is missing are left out (noted).
+    reported to ``skips``; queries whose reference or target is missing are left out (noted). With an
+    enabled ``shard`` (:class:`.shard.Sharding`, a collective) the gallery is embedded split over the
+    ranks and gathered (``embed_text`` must then return every text on every rank).
     Returns ``{"r10", "r50", "mean_recall", "num_queries", "num_gallery", "notes"}``.
     """
-    from ..data.loader import iter_eval_images
+    from ..data.loader import unique_images
+    from ..data.skips import SkipLog
     from ..data.sources.tgir import build_tgir
     from ..data.transforms import ImageTransform
+    from .shard import Sharding, image_pass
 
     tg = build_tgir(cfg.data, split, max_queries=cfg.eval.max_images)
     transform = ImageTransform(cfg.model.image_size, train=False)
-    embeds, rows = [], {}
-    bar = tqdm(desc="tgir gallery", total=len(tg.gallery), disable=not progress, unit="img", dynamic_ncols=True)
-    for images, batch in iter_eval_images(tg.gallery, transform, cfg.data.eval_batch_size, cfg.data.workers,
-                                          skips):
-        embeds.append(model.encode_image(images.to(device))["embed"].float())
-        for s in batch:
-            rows[s.image_id] = len(rows)
-        bar.update(len(batch))
-    bar.close()
+    uniq = unique_images(tg.gallery)
+    run = image_pass(uniq, transform, cfg.data.eval_batch_size, cfg.data.workers,
+                     skips if skips is not None else SkipLog(),
+                     lambda images, _: {"embed": model.encode_image(images.to(device))["embed"].float()},
+                     shard or Sharding(), progress, "tgir gallery")
+    rows = {uniq[i].image_id: row for row, i in enumerate(run.kept)}
     queries = [q for q in tg.queries if q.reference in rows and q.target in rows]
     if not queries:
         raise ValueError(f"tgir: no query of split {split!r} has both its reference and target images")
-    gallery = torch.cat(embeds)                                                  # (G, E)
+    gallery = run.tensors["embed"]                                               # (G, E)
     ref = torch.tensor([rows[q.reference] for q in queries], device=gallery.device)
     tgt = torch.tensor([rows[q.target] for q in queries], device=gallery.device)
     composed = compose_queries(gallery[ref], embed_text([q.text for q in queries]).to(gallery.device))
