@@ -1,4 +1,10 @@
-"""Loading trained models: ``finealign.load(path)`` -> model, tokenizer and resolved config."""
+"""Loading trained models: ``finealign.load(path)`` -> model, tokenizer and resolved config.
+
+``path`` may be a run directory (its latest valid checkpoint, or ``which``), a checkpoint directory, an
+export (``finealign export``, finealign/interop/export.py) or a Hugging Face CLIPModel directory
+(finealign/interop/hf_clip.py). ``finealign.from_pretrained`` / ``finealign.Model.from_pretrained`` are the
+same function under the names Hugging Face users look for (finealign/__init__.py).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,18 +24,42 @@ class Loaded:
     config: Config
     path: Path
 
+    def save_pretrained(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Export: OUT_DIR/model.safetensors, config.yaml, tokenizer.json (``finealign export``)."""
+        from .interop.export import export
+        return export(self, out_dir, overwrite=overwrite)
+
 
 def load(path: str | Path, device: str | torch.device = "cpu", which: str = "latest") -> Loaded:
-    """Load a checkpoint directory, or the latest valid checkpoint of a run directory."""
+    """Load a run / checkpoint directory, an exported directory or a Hugging Face CLIPModel directory."""
     from .data.tokenizer import Tokenizer
+    from .interop import model_dir_kind
+    from .interop.hf_text import fix_tokenizer
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist (expected a run or checkpoint directory, an export from "
+                                f"`finealign export`, or a Hugging Face CLIPModel directory)")
+    kind = model_dir_kind(p)
+    if kind == "export":
+        from .interop.export import load_export
+        return load_export(p, device)
+    if kind == "hf":
+        from .interop.hf_clip import load_hf_clip
+        return load_hf_clip(p, device)
     ck = ckpt.find_checkpoint(path, which)
     state = ckpt.load_checkpoint(ck)            # verifies the files once; config and extra, no weights
     cfg = from_dict(state["config"])
     tok_json = (state.get("extra") or {}).get("tokenizer_json")
     if not tok_json:
         raise ckpt.CheckpointError(f"{ck}: checkpoint carries no tokenizer")
-    tokenizer = Tokenizer.from_str(tok_json)
-    model = build_model(cfg.model, tokenizer.vocab_size, full=cfg, tokenizer=tokenizer)
+    tokenizer = fix_tokenizer(Tokenizer.from_str(tok_json))
+    model = build_model(cfg.model, tokenizer.vocab_size, full=cfg, tokenizer=tokenizer, pretrained=False)
     ckpt.load_weights(model, ck)
     model.to(device).eval()
     return Loaded(model=model, tokenizer=tokenizer, config=cfg, path=ck)
+
+
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu", which: str = "latest") -> Loaded:
+    """Same as :func:`load`."""
+    return load(path, device=device, which=which)
+

@@ -6,6 +6,7 @@
                               embed = proj(q0), memory = q1..qQ (B, Q, Dt)
         (with a decoder and cls pooling, a separate pooler with Q queries gives the memory)
     text -> causal TextEncoder -> pooled cls (B, Dt) -> proj -> embed; tokens (B, T, Dt)
+        (model.text_tower == "hf": a Hugging Face encoder from model.text_path, finealign/interop/hf_text.py)
     decoder_layers > 0: MultimodalDecoder(tokens, memory) -> caption logits (B, T, V)
     mim_decoder_layers > 0: ViT over the visible patches -> ImageDecoder(+ text) -> masked patches' pixels
 
@@ -38,7 +39,9 @@ MAX_LOGIT_SCALE = 100.0
 
 
 class ContrastiveCaptioner(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pretrained: bool = True):
+        """``pretrained`` (hf text tower only): load its weights from model.text_path; False builds it from
+        model.text_hf_config with random weights (a checkpoint's weights are loaded next)."""
         super().__init__()
         if cfg.image_pool not in ("attn", "cls"):
             raise ValueError(f"model.image_pool must be 'attn' or 'cls', got {cfg.image_pool!r}")
@@ -49,7 +52,12 @@ class ContrastiveCaptioner(nn.Module):
         Dv, Dt, E = cfg.vision_width, cfg.text_width, cfg.embed_dim
 
         self.visual = VisionTransformer(cfg)
-        self.text = TextEncoder(cfg, vocab_size)
+        hf_text = None
+        if cfg.text_tower == "hf":
+            from ..interop.hf_text import HFTextTower
+            hf_text = HFTextTower(cfg, pretrained=pretrained)
+            Dt = hf_text.width
+        self.text = hf_text if hf_text is not None else TextEncoder(cfg, vocab_size)
         self.pooler = None  # attentional pooler over the patches (CoCa embedding and/or decoder memory)
         if cfg.image_pool == "attn":
             n_q = 1 + (cfg.caption_queries if self.has_decoder else 0)
@@ -70,7 +78,12 @@ class ContrastiveCaptioner(nn.Module):
         self.pta_index = pta_block_index(cfg.vision_layers, cfg.pta_block) if cfg.pta else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
 
-        self.apply(init_weights)
+        if hf_text is None:
+            self.apply(init_weights)
+        else:                           # the pretrained text tower keeps its weights
+            for child in self.children():
+                if child is not hf_text:
+                    child.apply(init_weights)
 
     # ------------------------------------------------------------------ encoders
 

@@ -24,10 +24,13 @@ def validate_model_config(cfg: ModelConfig, vocab_size: int) -> None:
         raise ConfigError("invalid model config: " + "; ".join(errors))
 
 
-def build_model(cfg: ModelConfig, vocab_size: int = 0, full=None, tokenizer=None) -> nn.Module:
+def build_model(cfg: ModelConfig, vocab_size: int = 0, full=None, tokenizer=None, pretrained: bool = True
+                ) -> nn.Module:
     """``model.arch``: coca -> ContrastiveCaptioner (CLIP / CoCa / SyCoCa), fusion -> FusionModel (ALBEF),
     maccap -> MacCap (needs the whole config ``full`` and the ``tokenizer``; zeroshot/maccap.py).
-    ``cfg.vocab_size`` wins when > 0, else the tokenizer's ``vocab_size``."""
+    ``cfg.vocab_size`` wins when > 0, else the tokenizer's ``vocab_size``. ``pretrained=False``: a Hugging
+    Face text tower (``model.text_tower: hf``) is built from its stored config only (weights follow from a
+    checkpoint), so loading needs no ``model.text_path``."""
     vocab = cfg.vocab_size if cfg.vocab_size > 0 else vocab_size
     validate_model_config(cfg, vocab)
     if cfg.arch == "maccap":
@@ -38,7 +41,7 @@ def build_model(cfg: ModelConfig, vocab_size: int = 0, full=None, tokenizer=None
     if cfg.arch == "fusion":
         from .albef import FusionModel
         return FusionModel(cfg, vocab)
-    return ContrastiveCaptioner(cfg, vocab)
+    return ContrastiveCaptioner(cfg, vocab, pretrained=pretrained)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -126,36 +126,52 @@ class Attention(nn.Module):
         return (y, att) if need_weights else y
 
 
+def quick_gelu(x: Tensor) -> Tensor:
+    """x * sigmoid(1.702 x): the sigmoid approximation of GELU that OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# model.act -> MLP activation (names as in Hugging Face configs' ``hidden_act`` where they differ)
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, act: str = "gelu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
         hidden = int(dim * mlp_ratio)
         self.fc = nn.Linear(dim, hidden)
         self.proj = nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(self.act(self.fc(x)))
 
 
 class Block(nn.Module):
     """Pre-LN transformer block: x + SelfAttn(LN x) [+ MLP_s(LN x)] [+ CrossAttn(LN x, LN memory)] + MLP(LN x)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, cross_dim: int | None = None,
-                 self_mlp: bool = False):
+                 self_mlp: bool = False, act: str = "gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.self_mlp = self_mlp   # an extra MLP between self- and cross-attention (open_clip's CoCa layout)
         if self_mlp:
             self.ln_s = nn.LayerNorm(dim)
-            self.mlp_s = MLP(dim, mlp_ratio)
+            self.mlp_s = MLP(dim, mlp_ratio, act)
         self.has_cross = cross_dim is not None
         if self.has_cross:
             self.ln_x = nn.LayerNorm(dim)
             self.ln_kv = nn.LayerNorm(cross_dim)
             self.cross_attn = Attention(dim, heads, kv_dim=cross_dim, cross=True)
         self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp_ratio)
+        self.mlp = MLP(dim, mlp_ratio, act)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
                 is_causal: bool = False, cache: KVCache | None = None, cross_cache: KVCache | None = None,
@@ -180,6 +196,22 @@ class Block(nn.Module):
             x = x + (c if cross_gate is None else c * cross_gate)
         x = x + self.mlp(self.ln_2(x))
         return (x, weights) if (need_weights or need_cross_weights) else x
+
+
+def pool_tokens(x: Tensor, mask: Tensor | None, how: str) -> Tensor:
+    """Pool token features (``model.text_pool``): x (B, T, D), mask (B, T) bool (True on real tokens,
+    a prefix) -> (B, D): cls = token 0, eos = the last real token, mean = masked mean."""
+    if mask is None:
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if how == "cls":
+        return x[:, 0]
+    if how == "eos":
+        last = (mask.long().sum(dim=1) - 1).clamp(min=0)                      # (B,)
+        return x[torch.arange(x.shape[0], device=x.device), last]
+    if how == "mean":
+        w = mask.to(x.dtype)[..., None]                                        # (B, T, 1)
+        return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-9)
+    raise ValueError(f"model.text_pool must be cls, eos or mean, got {how!r}")
 
 
 def run_block(block: nn.Module, x: Tensor, use_checkpoint: bool, **kw) -> Tensor:

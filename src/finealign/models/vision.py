@@ -1,4 +1,9 @@
-"""Vision Transformer image tower: patchify -> [cls] + patches + pos -> pre-LN blocks -> LayerNorm."""
+"""Vision Transformer image tower: patchify -> [cls] + patches + pos [-> LayerNorm] -> pre-LN blocks -> LayerNorm.
+
+The optional LayerNorm before the blocks (``model.vision_ln_pre``, CLIP's ``ln_pre``) and the MLP
+activation (``model.act``) exist so that imported CLIP weights compute the same embeddings
+(finealign/interop/hf_clip.py); the defaults are the original layers.
+"""
 from __future__ import annotations
 
 import torch
@@ -24,7 +29,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Linear(3 * cfg.patch_size * cfg.patch_size, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, D))
-        self.blocks = nn.ModuleList([Block(D, cfg.vision_heads, cfg.mlp_ratio) for _ in range(cfg.vision_layers)])
+        self.ln_pre = nn.LayerNorm(D) if cfg.vision_ln_pre else None
+        self.blocks = nn.ModuleList([Block(D, cfg.vision_heads, cfg.mlp_ratio, act=cfg.act)
+                                     for _ in range(cfg.vision_layers)])
         self.ln_post = nn.LayerNorm(D)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
@@ -58,6 +65,8 @@ class VisionTransformer(nn.Module):
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))   # (B, K, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)                                     # (B, 1+N, D)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
         if return_attn and hidden_at is not None:
             raise ValueError("return_attn and hidden_at cannot be combined")
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
