@@ -35,11 +35,11 @@ def record(trainer):
     assert len(ds) == len(ds.samples)                 # shapes-items: one caption per image
     steps, step = [], trainer.train_step
 
-    def spy(batch):
+    def spy(batch, *rows):
         sh = trainer.loader.semi_hard
         steps.append({"step": trainer.step + 1, "idx": [index[k] for k in batch.keys],
                       "items": batch.item_ids.tolist(), "emb": sh.embeddings if sh else None})
-        return step(batch)
+        return step(batch, *rows)
     trainer.train_step = spy
     return steps
 

@@ -1,4 +1,4 @@
-"""``finealign <verb>``: data build, train, eval, caption, retrieve, quickstart, recipes.
+"""``finealign <verb>``: data build / shard, train, eval, caption, retrieve, quickstart, recipes.
 
 ``main(argv)`` returns an exit code so tests can call it.
 """
@@ -31,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--font", default=None, help="colour emoji font (default: system Noto Color Emoji)")
     b.add_argument("--size", type=int, default=64, help="image side in pixels")
     b.add_argument("--seed", type=int, default=0, help="split seed")
+    b = dsub.add_parser("shard", help="write a split of any registered source as webdataset shards",
+                        description="Write split --split of source --source as tar shards (read back with "
+                                    "data.source=webdataset; see docs/scaling.md).")
+    b.add_argument("--source", required=True, help="registered source: shapes, emoji, csv, tsv, jsonl, coco, ...")
+    b.add_argument("--root", default=None, help="the source's data.root (dataset directory or file)")
+    b.add_argument("--split", default="train", help="split name (train/val/test) or split value (default: train)")
+    b.add_argument("--out", required=True, help="shard pattern with a printf field, e.g. shards/train-%%06d.tar")
+    b.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default: 1000)")
+    b.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png", help="image encoding (default: png)")
+    _overrides(b)
 
     p = sub.add_parser("train", help="train a recipe", description="Train RECIPE (a name in configs/ or a YAML path).")
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path (omit with --resume RUN_DIR)")
@@ -119,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .ablate import add_ablate_parser
     add_ablate_parser(sub)
 
+    p = sub.add_parser("export", help="write a model as model.safetensors + config.yaml + tokenizer.json",
+                       description="Export SRC (run or checkpoint dir, export, or Hugging Face CLIPModel dir) to "
+                                   "OUT_DIR; finealign.load(OUT_DIR) reads it back.")
+    p.add_argument("checkpoint", metavar="SRC")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--force", action="store_true", help="overwrite an existing export in OUT_DIR")
+
     sub.add_parser("recipes", help="list bundled recipes")
     return ap
 
@@ -148,9 +165,26 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- verbs
 
 def cmd_data(args) -> int:
+    if args.data_verb == "shard":
+        return cmd_data_shard(args)
     from .data.sources.emoji import build_emoji_dataset
     stats = build_emoji_dataset(args.out, font=args.font, size=args.size, seed=args.seed)
     print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def cmd_data_shard(args) -> int:
+    from .config import ConfigError, from_dict, parse_overrides
+    from .data.sources.webdataset_source import write_split_shards
+    extra = parse_overrides(args.overrides)
+    if set(extra) - {"data"}:
+        raise ConfigError(f"data shard: only data.* overrides apply, got {', '.join(sorted(set(extra) - {'data'}))}")
+    data = {**extra.get("data", {}), "source": args.source}
+    if args.root is not None:
+        data["root"] = args.root
+    res = write_split_shards(from_dict({"data": data}).data, args.split, args.out, args.maxcount, args.image_format)
+    print(f"wrote {len(res['shards'])} shard(s), {res['samples']} sample(s) -> {args.out}")
+    print(f"skipped {res['skipped']} sample(s)" + "".join(f"\n  {n:6d}  {r}" for r, n in res["skips"].items()))
     return 0
 
 
@@ -168,8 +202,11 @@ def cmd_train(args) -> int:
         cfg = from_dict(merge(raw, parse_overrides(overrides)))
     else:
         raise ConfigError("name a recipe (finealign recipes lists them) or --resume RUN_DIR")
-    run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"run directory: {run_dir}")
+    from . import distributed as D
+    run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)   # torchrun: every rank trains
+    if D.is_main():
+        print(f"run directory: {run_dir}")
+    D.destroy()
     return 0
 
 
@@ -188,8 +225,17 @@ def cmd_eval(args) -> int:
         data["strict"] = True
     cfg = from_dict(merge(loaded.config.to_dict(), extra))
     split = args.split or cfg.data.test
-    res = evaluate(loaded.model, loaded.tokenizer, cfg, split=split, tasks=args.task,
-                   progress=not args.no_progress)
+    from .distributed import destroy, info, init_distributed
+    had_group = info().enabled
+    world = init_distributed(device="cpu")      # under torchrun: a gloo group, the split shared by ranks
+    try:
+        res = evaluate(loaded.model, loaded.tokenizer, cfg, split=split, tasks=args.task,
+                       progress=not args.no_progress)
+    finally:
+        if world.enabled and not had_group:
+            destroy()
+    if not world.is_main:                       # every rank holds the same results; rank 0 reports
+        return 0
     print(format_results(res))
     out = Path(args.out) if args.out else loaded.path / f"eval_{Path(split).stem}.json"
     out.write_text(json.dumps(res, indent=2, default=str))
@@ -325,6 +371,13 @@ def cmd_ablate(args) -> int:
     return run(args)
 
 
+def cmd_export(args) -> int:
+    from .interop.export import export
+    out = export(args.checkpoint, args.out_dir, overwrite=args.force)
+    print(f"exported to {out}")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from .config import CONFIG_DIR, bundled_recipes
     for p in bundled_recipes():
@@ -335,7 +388,7 @@ def cmd_recipes(args) -> int:
 
 VERBS = {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "caption": cmd_caption,
          "retrieve": cmd_retrieve, "quickstart": cmd_quickstart, "ablate": cmd_ablate, "viz": cmd_viz,
-         "recipes": cmd_recipes, "analyze": cmd_analyze}
+         "recipes": cmd_recipes, "analyze": cmd_analyze, "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

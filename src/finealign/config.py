@@ -65,6 +65,18 @@ class ModelConfig:
     mlp_ratio: float = 4.0           # MLP hidden = ratio * width
     init_temperature: float = 0.07   # ITC temperature at init (logit scale = 1/τ, clamped to 100)
     grad_checkpointing: bool = False  # recompute block activations in backward
+    # towers' layer options (Hugging Face CLIP import sets them; the defaults are finealign's own layers)
+    act: str = "gelu"                # vision/text tower MLP activation: gelu | quick_gelu (OpenAI CLIP) | gelu_tanh
+    vision_ln_pre: bool = False      # LayerNorm on the ViT tokens before the first block (CLIP's ln_pre)
+    text_mlp_ratio: float = 0.0      # text tower MLP ratio (0 = mlp_ratio)
+    text_pool: str = "cls"           # text embedding: cls (own tower: a learnable token after the sequence;
+                                     # hf tower: the first token, BERT's [CLS]) | eos (the last real token,
+                                     # CLIP) | mean (masked mean of the real tokens, sentence-transformers)
+    text_tower: str = "own"          # own: finealign's causal TextEncoder | hf: a Hugging Face AutoModel
+                                     # encoder from model.text_path (coca arch without decoder; finealign[hf])
+    text_path: str = ""              # hf tower: local directory (config.json, weights, tokenizer.json)
+    text_hf_config: dict[str, Any] = field(default_factory=dict)  # hf tower: its config.json, filled when the
+                                     # config is resolved so checkpoints rebuild without text_path
 
 
 @dataclass
@@ -88,9 +100,14 @@ class DataConfig:
     semi_hard_upper: float = 0.95    # above it two samples are near-duplicates: never in one batch
     refresh_every: int = 100         # semi_hard: re-embed the training set with the current model every N steps
     refresh_embed: str = "image"     # semi_hard: which embedding defines neighbours: image | text
-    batch_size: int = 64             # global training batch (split into micro-batches by train.grad_accum)
+    batch_size: int = 64             # global training batch, all ranks together (split into micro-batches
+                                     # by train.grad_accum)
     eval_batch_size: int = 128       # batch size for evaluation / embedding
-    workers: int = 0                 # DataLoader worker processes
+    workers: int = 0                 # DataLoader worker processes (per rank)
+    shard_split: Any = "auto"        # streams: deal shards to (rank, worker) slots, each shard read once per epoch:
+                                     # auto (= when world size > 1) | true | false (every rank reads every shard)
+    resample: bool = False           # streams: each (rank, worker) draws shards with replacement, endless
+    epoch_batches: int = 0           # data.resample: batches per rank that make one (nominal) epoch
     augment: bool = True             # random resized crop + colour jitter for training images
     strict: bool = False             # first bad sample raises (naming file/line) instead of skip+count
     seed: int = 0                    # seeds procedural sources and shuffling
@@ -176,6 +193,11 @@ class TrainConfig:
     eval_every: int = 0              # retrieval on the val split every N steps (0 = off)
     deterministic: bool = False      # torch.use_deterministic_algorithms
     threads: int = 0                 # torch.set_num_threads (0 = leave as is)
+    # multi-process (torchrun): data.batch_size is the global batch; see docs/scaling.md
+    strategy: str = "ddp"            # ddp | fsdp (FSDP2: parameters, gradients, optimizer state sharded)
+    gather_with_grad: bool = False   # ITC: all-gather features with gradient (open_clip's option)
+    local_loss: bool = False         # ITC: each rank scores only its own rows against all (needs gather_with_grad)
+    dist_timeout: float = 600.0      # seconds a collective may wait before the run fails (a dead rank)
 
 
 @dataclass
@@ -358,6 +380,9 @@ def from_dict(raw: dict[str, Any]) -> Config:
     if isinstance(raw.get("mixer"), str):          # `mixer: timix` shorthand
         raw["mixer"] = {"type": raw["mixer"]}
     cfg = _build(Config, raw, "")
+    if cfg.model.text_tower == "hf":   # read the HF encoder's config.json (width, tokenizer) into the config
+        from .interop.hf_text import resolve_text_tower
+        resolve_text_tower(cfg)
     validate(cfg)
     return cfg
 

@@ -14,6 +14,13 @@ def check(cfg) -> None:
     if cfg.data.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by "
                           f"train.grad_accum ({cfg.train.grad_accum})")
+    if cfg.train.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.strategy must be ddp or fsdp, got {cfg.train.strategy!r}")
+    if cfg.train.local_loss and not cfg.train.gather_with_grad:
+        raise ConfigError("train.local_loss=true needs train.gather_with_grad=true: without gradients through "
+                          "the gathered features each rank's gradient misses the other ranks' rows (inexact)")
+    if cfg.train.dist_timeout <= 0:
+        raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {cfg.train.dist_timeout}")
     if cfg.model.image_size % cfg.model.patch_size:
         raise ConfigError(f"model.image_size ({cfg.model.image_size}) must be a multiple of "
                           f"model.patch_size ({cfg.model.patch_size})")
@@ -28,6 +35,7 @@ def check(cfg) -> None:
     if cfg.model.arch not in ("coca", "fusion", "maccap"):
         raise ConfigError(f"model.arch must be coca, fusion or maccap, got {cfg.model.arch!r}")
     _validate_maccap(cfg)
+    _validate_towers(cfg)
     unknown = set(cfg.masking.mlm) - {"prob"}
     if unknown:
         raise ConfigError(f"masking.mlm: unknown option(s) {sorted(unknown)}; valid: ['prob']")
@@ -85,7 +93,24 @@ def check(cfg) -> None:
         raise ConfigError(f"eval.k_test must be >= 0 (0 = no ITM re-ranking), got {cfg.eval.k_test}")
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise ConfigError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
+    _validate_streaming(cfg.data)
     _validate_mixing(cfg)
+
+
+def _validate_streaming(d) -> None:
+    if d.shard_split not in ("auto", True, False):
+        raise ConfigError(f"data.shard_split must be auto, true or false, got {d.shard_split!r}")
+    if d.epoch_batches < 0:
+        raise ConfigError(f"data.epoch_batches must be >= 0, got {d.epoch_batches}")
+    if d.resample and d.epoch_batches == 0:
+        raise ConfigError("data.resample=true streams for ever: set data.epoch_batches (> 0), the number "
+                          "of batches per rank that make one epoch")
+    if d.epoch_batches and not d.resample:
+        raise ConfigError("data.epoch_batches sets the epoch length of a resampled stream: it needs "
+                          "data.resample=true (or leave it 0)")
+    if d.resample and d.shard_split is False:
+        raise ConfigError("data.resample=true draws shards per (rank, worker): it needs data.shard_split "
+                          "auto or true")
 
 
 def _validate_mixing(cfg) -> None:
@@ -142,3 +167,25 @@ def _validate_maccap(cfg) -> None:
         raise ConfigError(f"a MacCap model trains only objectives.prefix_lm (text only); remove {bad}")
     if cfg.mixer.type or any(getattr(cfg.masking, r) for r in ("ic", "mim", "mlm", "sync")):
         raise ConfigError("MacCap trains on text only: no masking / mixing")
+
+
+def _validate_towers(cfg) -> None:
+    """Tower layer options (model.act, text_pool, text_tower; finealign/interop/ sets them for imports)."""
+    from .models.layers import ACTIVATIONS
+    m = cfg.model
+    if m.act not in ACTIVATIONS:
+        raise ConfigError(f"model.act must be one of {', '.join(ACTIVATIONS)}, got {m.act!r}")
+    if m.text_pool not in ("cls", "eos", "mean"):
+        raise ConfigError(f"model.text_pool must be cls, eos or mean, got {m.text_pool!r}")
+    if m.text_pool != "cls" and m.arch == "fusion":
+        raise ConfigError("model.text_pool: the fusion arch pools its [BOS] token (text_pool=cls)")
+    if m.text_mlp_ratio < 0:
+        raise ConfigError(f"model.text_mlp_ratio must be >= 0 (0 = model.mlp_ratio), got {m.text_mlp_ratio}")
+    if m.text_tower not in ("own", "hf"):
+        raise ConfigError(f"model.text_tower must be own or hf, got {m.text_tower!r}")
+    if m.text_tower == "hf":
+        if m.arch == "fusion":
+            raise ConfigError("model.text_tower=hf is for the dual encoder (model.arch: coca), not fusion")
+        if m.decoder_layers > 0:
+            raise ConfigError("model.text_tower=hf is a bidirectional encoder: it cannot feed a caption decoder; "
+                              "set model.decoder_layers=0 (CLIP-style, e.g. the clip recipe)")

@@ -129,14 +129,17 @@ class FusionModel(nn.Module):
         return Features(image_embed=img["embed"], text_embed=txt["embed"], logit_scale=self.get_logit_scale(),
                         image_tokens=img["patches"], text_tokens=txt["tokens"], extras=extras)
 
-    def momentum_update(self) -> None:
+    def momentum_update(self, gather=None) -> None:
         """EMA step of the teacher, then this step's teacher embeddings into the queues (the trainer calls
-        it after every optimizer step). Single process; under DDP the embeddings must be all-gathered first."""
+        it after every optimizer step). ``gather(x) -> [x of rank 0, x of rank 1, ...]`` (multi-process,
+        passed in by the trainer): every rank enqueues the whole global batch in rank order, so all ranks
+        hold identical queues."""
         if self.teacher is not None:
             self.teacher.update()
         if self.queues is not None and self._pending:
-            self.queues["image"].enqueue(torch.cat([i for i, _ in self._pending]))
-            self.queues["text"].enqueue(torch.cat([t for _, t in self._pending]))
+            for k, col in (("image", 0), ("text", 1)):
+                local = torch.cat([p[col] for p in self._pending])                 # (B_local, E)
+                self.queues[k].enqueue(torch.cat(gather(local)) if gather is not None else local)
         self._pending = []
 
     @torch.no_grad()

@@ -74,8 +74,10 @@ class _Centred(Objective):
         return self.center
 
     @torch.no_grad()
-    def _update_center(self, t_logits: Tensor) -> None:
+    def _update_center(self, t_logits: Tensor, ctx: StepContext | None = None) -> None:
         mean = t_logits.float().reshape(-1, t_logits.shape[-1]).mean(0)
+        if ctx is not None:
+            mean = ctx.mean_over_ranks(mean)              # every rank moves its centre alike
         self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -102,5 +104,5 @@ class Agreement(_Centred):
                 + soft_cross_entropy(p_t[1], s[0], self.student_temp).mean()) / 2
         out = {"loss": loss, "usage_entropy": usage_entropy(p_t), "teacher_temp": torch.tensor(tau_t)}
         if self.training:
-            self._update_center(t)
+            self._update_center(t, ctx)
         return out

@@ -28,11 +28,25 @@ class StepContext:
     micro_index: int = 0              # which micro-batch of the step this pass is
     steps_per_epoch: int = 0          # optimizer steps per epoch (0 = unknown, e.g. streaming sources)
     state: dict = field(default_factory=dict)
+    #: multi-process: whether this rank takes the gradient of ``shared`` tensors (see train/gather.py)
+    owns_shared: bool = True
+    #: ``train.local_loss``: ``(first row, rows)`` of this rank's block in gathered features; objectives
+    #: that support it (``local_loss = True``) score only those rows; None = score every row
+    local_rows: tuple[int, int] | None = None
+    #: mean over ranks of a no-grad statistic (e.g. a centre's batch mean); identity in one process
+    reduce_mean: Callable[[Tensor], Tensor] | None = None
 
     def shared(self, t: Tensor) -> Tensor:
         """A tensor a global loss uses identically in every micro-batch pass (e.g. the temperature):
-        its gradient is taken in the first pass only, so it is counted once per step."""
-        return t if self.micro_index == 0 else t.detach()
+        its gradient is taken in the first pass only, so it is counted once per step (and, across ranks,
+        as train/gather.py says)."""
+        if self.micro_index == 0 and self.owns_shared:
+            return t
+        # a zero gradient rather than none: data-parallel wrappers expect every used parameter's hook
+        return t.detach() + 0.0 * t
+
+    def mean_over_ranks(self, t: Tensor) -> Tensor:
+        return t if self.reduce_mean is None else self.reduce_mean(t)
 
     def gather(self, name: str, local: Tensor) -> tuple[Tensor, int]:
         if self.gather_fn is None:
@@ -48,6 +62,8 @@ class Objective(nn.Module):
     requires: tuple[str, ...] = ()
     #: Feature names gathered across micro-batches / ranks for "global" objectives.
     gathers: tuple[str, ...] = ()
+    #: Whether the objective honours ``ctx.local_rows`` (``train.local_loss``).
+    local_loss: bool = False
 
     def forward(self, feats: Features, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:  # pragma: no cover
         raise NotImplementedError

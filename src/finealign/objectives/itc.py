@@ -23,6 +23,19 @@ def contrastive_loss(image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor
     return loss, acc
 
 
+def local_contrastive_loss(image: Tensor, text: Tensor, scale: Tensor, start: int, rows: int
+                           ) -> tuple[Tensor, Tensor]:
+    """``contrastive_loss`` restricted to rows ``start:start + rows`` (open_clip's ``local_loss``): those
+    images against every text and those texts against every image. Averaged over the ranks that own
+    the blocks of rows, it equals ``contrastive_loss`` of the whole batch."""
+    idx = torch.arange(start, start + rows, device=image.device)
+    logits_i2t = scale * image[start:start + rows] @ text.t()               # (rows, B)
+    logits_t2i = scale * text[start:start + rows] @ image.t()               # (rows, B)
+    loss = (F.cross_entropy(logits_i2t, idx) + F.cross_entropy(logits_t2i, idx)) / 2
+    acc = (logits_i2t.argmax(1) == idx).float().mean()
+    return loss, acc
+
+
 def distilled_contrastive_loss(image: Tensor, text: Tensor, scale: Tensor, t_image: Tensor, t_text: Tensor,
                                alpha: float) -> tuple[Tensor, Tensor]:
     """ALBEF's momentum distillation: the one-hot targets are mixed with the teacher's similarity
@@ -75,6 +88,7 @@ class ITC(Objective):
     is on, the queued teacher embeddings are extra keys (``queued_contrastive_loss``)."""
     scope = "global"
     requires = ("image_embed", "text_embed", "logit_scale")
+    local_loss = True           # plain ITC (no distillation) scores only ctx.local_rows when given
 
     def __init__(self, distill_alpha: float = 0.0, distill_warmup: int = 0):
         super().__init__()
@@ -102,6 +116,8 @@ class ITC(Objective):
             else:
                 loss, acc = distilled_contrastive_loss(img, txt, scale, t_img, t_txt, alpha)
             out["alpha"] = torch.tensor(alpha)
+        elif ctx.local_rows is not None:
+            loss, acc = local_contrastive_loss(img, txt, scale, *ctx.local_rows)
         else:
             loss, acc = contrastive_loss(img, txt, scale)
         return {"loss": loss, "acc": acc.detach(), "logit_scale": scale.detach(), **out}

@@ -36,5 +36,5 @@ class SemanticMIM(_Centred):
         loss = soft_cross_entropy(p_t, s, self.student_temp).mean()
         out = {"loss": loss, "usage_entropy": usage_entropy(p_t)}
         if self.training:
-            self._update_center(t)
+            self._update_center(t, ctx)
         return out

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 __all__ = ["CheckpointError", "save_checkpoint", "find_checkpoint", "load_checkpoint", "verify_checkpoint",
            "load_config_from_checkpoint", "list_checkpoints", "get_rng_state", "set_rng_state",
-           "load_weights"]
+           "load_weights", "read_weights"]
 
 from .rng import get_rng_state, set_rng_state  # noqa: F401  (re-exported: part of the checkpoint API)
 
@@ -342,8 +342,8 @@ def find_checkpoint(path_or_run_dir: str | os.PathLike, which: str | int = "late
 
 # ---------------------------------------------------------------- load
 
-def _load_weights(model: nn.Module, path: Path, map_location: Any) -> None:
-    device = str(torch.device(map_location)) if isinstance(map_location, (str, torch.device)) else "cpu"
+def read_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tensor]:
+    """The state dict in a ``model.safetensors`` file (tied weights restored from its aliases)."""
     try:
         sd = load_file(str(path), device=device)
         with safe_open(str(path), framework="pt") as f:
@@ -352,6 +352,12 @@ def _load_weights(model: nn.Module, path: Path, map_location: Any) -> None:
         raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from e
     for alias, target in aliases.items():
         sd[alias] = sd[target]
+    return sd
+
+
+def _load_weights(model: nn.Module, path: Path, map_location: Any) -> None:
+    device = str(torch.device(map_location)) if isinstance(map_location, (str, torch.device)) else "cpu"
+    sd = read_weights(path, device)
     model = _unwrap(model)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)

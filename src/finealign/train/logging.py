@@ -35,6 +35,16 @@ class MetricLogger:
             self._tb.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log: nothing."""
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _num(v):
     return float(v) if isinstance(v, (int, float)) else v
 

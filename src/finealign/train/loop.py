@@ -21,6 +21,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .. import distributed as D
 from ..config import Config
 from ..data.skips import SkipLog
 from ..models.factory import build_model
@@ -28,10 +29,12 @@ from ..objectives import StepContext, build_objectives
 from ..pipeline import Pipeline
 from ..types import Batch
 from . import checkpoint as ckpt
-from .logging import MetricLogger
+from .gather import StepGather, micro_bounds
+from .logging import MetricLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
+from .parallel import FSDP_OPTIM, Engine
 from .refresh import refresh_sampler
-from .setup import build_tokenizer, build_train_loader, make_run_dir, pick_device
+from .setup import build_tokenizer, build_train_loader, make_run_dir, pick_device, rank_zero_first
 
 log = logging.getLogger("finealign")
 
@@ -49,8 +52,11 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
-        seed_everything(tc.seed)
-        self.device = pick_device(tc.device)
+        seed_everything(tc.seed)                 # the same on every rank: identical initial weights
+        self.dist = D.init_distributed(tc.device, tc.dist_timeout)
+        self.main = self.dist.is_main
+        self.progress = progress and self.main
+        self.device = pick_device(tc.device, self.dist.local_rank)
         backbone = None
         if cfg.model.arch == "maccap" and not cfg.maccap.backbone and not resume:
             raise ValueError("model.arch=maccap trains over a frozen backbone: set maccap.backbone=RUN_OR_CHECKPOINT "
@@ -59,33 +65,43 @@ class Trainer:
             from ..zeroshot.maccap import resolve_backbone
             cfg, backbone = resolve_backbone(cfg)
             self.cfg = cfg
-        self.run_dir = make_run_dir(cfg, resume)
-        self.skips = SkipLog(strict=cfg.data.strict)
-        if backbone is not None and not (self.run_dir / "tokenizer.json").exists() and not cfg.tokenizer.path:
-            # resolve_backbone verified this checkpoint's hashes already: read its tokenizer without re-hashing
-            (self.run_dir / "tokenizer.json").write_text(
-                ckpt.load_checkpoint(backbone, verify=False)["extra"]["tokenizer_json"])
-        self.tokenizer = build_tokenizer(cfg, self.run_dir, self.skips)
+        # rank 0 names the run dir (a timestamp) and writes the config; the others take its name
+        name = D.broadcast_object(str(make_run_dir(cfg, resume)) if self.main else None)
+        self.run_dir = Path(name)
+        cfg.train.run_dir = name
+        with rank_zero_first(self.dist):         # rank 0 trains (or copies) the tokenizer first
+            self.skips = SkipLog(strict=cfg.data.strict)
+            if (backbone is not None and self.main and not (self.run_dir / "tokenizer.json").exists()
+                    and not cfg.tokenizer.path):
+                # resolve_backbone verified this checkpoint's hashes already: read its tokenizer without re-hashing
+                (self.run_dir / "tokenizer.json").write_text(
+                    ckpt.load_checkpoint(backbone, verify=False)["extra"]["tokenizer_json"])
+            self.tokenizer = build_tokenizer(cfg, self.run_dir, self.skips)
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, full=cfg, tokenizer=self.tokenizer)
         if backbone is not None and not resume:
             ckpt.load_weights(self.model.backbone, backbone)
         self.model.to(self.device)
         self.objectives = build_objectives(cfg.objectives).to(self.device)
-        needs = {r for o in self.objectives.values() for r in o.requires}
-        self.pipeline = Pipeline(self.model, cfg.masking, self.tokenizer, needs, mixer=cfg.mixer,
-                                 total_steps=tc.steps, seed=tc.seed)
         if not len(self.objectives):
             raise ValueError("no objective has a non-zero weight: nothing to train")
+        needs = {r for o in self.objectives.values() for r in o.requires}
+        self.engine = Engine(self.model, tc.strategy, self.dist, self.device)
+        if self.dist.rank:                       # per-rank randomness (masks, dropout, mixing draws)
+            seed_everything(tc.seed + 7919 * self.dist.rank)
+        self.pipeline = Pipeline(self.model, cfg.masking, self.tokenizer, needs, mixer=cfg.mixer,
+                                 total_steps=tc.steps, seed=tc.seed + 7919 * self.dist.rank)
         params = list(self.model.named_parameters()) + [
             (f"objectives.{n}", p) for n, p in self.objectives.named_parameters()]
         self.optimizer = build_optimizer(params, tc)
         self.scheduler = build_scheduler(self.optimizer, tc)
-        self.loader = build_train_loader(cfg, self.tokenizer, self.skips)
+        self.loader = build_train_loader(cfg, self.tokenizer, self.skips, self.dist, self.device)
         self.step = 0
         if resume:
             path = ckpt.find_checkpoint(self.run_dir if resume == "latest" else resume, "latest")
-            state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
-                                         map_location=self.device, restore_rng=True)
+            state = self.engine.load(path, self.optimizer, self.scheduler, map_location=self.device)
+            ranks = state["extra"].get("rng_ranks")
+            if self.dist.rank and ranks and len(ranks) == self.dist.world_size:
+                ckpt.set_rng_state(ranks[self.dist.rank])
             self.step = int(state["step"])
             if state.get("loader_state"):
                 self.loader.load_state_dict(state["loader_state"])
@@ -94,7 +110,7 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
         self.last_checkpoint: Path | None = None
         self.refreshes = 0                                 # semi-hard sampler refreshes in this process
-        self.metrics = MetricLogger(self.run_dir)
+        self.metrics = MetricLogger(self.run_dir) if self.main else NullLogger()
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ one optimizer step
@@ -103,57 +119,61 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        accum = min(self.cfg.train.grad_accum, len(batch))
-        bounds = np.linspace(0, len(batch), accum + 1).astype(int)
+    def train_step(self, batch: Batch, rank_rows: list[int] | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's share of the global batch; ``rank_rows``: every rank's
+        batch rows (multi-process; the trainer exchanges them before the step)."""
+        tc = self.cfg.train
+        accum = tc.grad_accum if self.dist.enabled else min(tc.grad_accum, len(batch))
+        bounds = micro_bounds(len(batch), accum)
         micro = [batch.slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         gathered = sorted({g for o in self.objectives.values() if o.scope == "global" for g in o.gathers})
         cache: dict[str, list[torch.Tensor]] = defaultdict(list)
         if accum > 1 and gathered:
             with torch.no_grad(), self.autocast():
                 for j, mb in enumerate(micro):
-                    f = self.pipeline.encode(mb, step=self.step, micro=j)
+                    f = self.engine.run(self.pipeline.encode, mb, step=self.step, micro=j)
                     for g in gathered:
                         v = _feature(f, g)
                         if v is not None:                  # absent: e.g. mixed images after mixer.stop
                             cache[g].append(v.detach())
+        gather = StepGather(self.dist.rank, self.dist.world_size, tc.gather_with_grad)
+        gather.start(rank_rows or [len(batch)], accum, cache)
         out: dict[str, float] = defaultdict(float)
         self.model.train()
         for j, mb in enumerate(micro):
-            def gather(name, local, j=j):
-                if name not in cache:
-                    return local, 0
-                parts = list(cache[name])
-                parts[j] = local
-                return torch.cat(parts), sum(p.shape[0] for p in parts[:j])
-            ctx = StepContext(step=self.step, total_steps=self.cfg.train.steps, gather_fn=gather,
-                              micro_index=j, steps_per_epoch=self.loader.batches_per_epoch or 0)
-            with self.autocast():
-                feats = self.pipeline(mb, step=self.step, micro=j)
-                total = 0.0
-                for name, obj in self.objectives.items():
-                    res = obj(feats, mb, ctx)
-                    loss = res["loss"]
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"step {self.step}: objective {name!r} produced a non-finite loss ({loss.item()}); "
-                            f"last good checkpoint: {self.last_checkpoint or 'none yet'}")
-                    share = 1.0 if obj.scope == "global" else 1.0 / accum
-                    total = total + obj.weight * share * loss
-                    for k, v in res.items():
-                        out[f"{name}/{k}"] += float(v.detach()) / accum
-            total.backward()
+            ctx = StepContext(step=self.step, total_steps=tc.steps, gather_fn=lambda n, x, j=j: gather(n, x, j),
+                              micro_index=j, steps_per_epoch=self.loader.batches_per_epoch or 0,
+                              owns_shared=gather.owns_shared, reduce_mean=D.all_reduce_mean,
+                              local_rows=gather.rows() if tc.local_loss and self.dist.enabled else None)
+            with self.engine.sync(j == len(micro) - 1):
+                with self.autocast():
+                    feats = self.engine.run(self.pipeline, mb, step=self.step, micro=j)
+                    total = 0.0
+                    for name, obj in self.objectives.items():
+                        res = obj(feats, mb, ctx)
+                        loss = res["loss"]
+                        if not torch.isfinite(loss):
+                            raise NonFiniteLossError(
+                                f"step {self.step}: objective {name!r} produced a non-finite loss ({loss.item()}); "
+                                f"last good checkpoint: {self.last_checkpoint or 'none yet'}")
+                        share = gather.loss_scale if obj.scope == "global" else 1.0 / accum
+                        total = total + obj.weight * share * loss
+                        for k, v in res.items():
+                            out[f"{name}/{k}"] += float(v.detach()) / accum
+                total.backward()
+        self.engine.finish_backward()
         # per-objective losses are micro-batch means (a global loss has the same value in every pass)
         out["loss"] = sum(obj.weight * out[f"{n}/loss"] for n, obj in self.objectives.items())
         if self.cfg.train.clip_grad > 0:
             gn = torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.train.clip_grad)
+            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn      # FSDP: a DTensor
             if not torch.isfinite(gn):
                 raise NonFiniteLossError(f"step {self.step}: gradient norm is not finite; "
                                          f"last good checkpoint: {self.last_checkpoint or 'none yet'}")
             out["grad_norm"] = float(gn)
         self.optimizer.step()
-        if hasattr(self.model, "momentum_update"):
-            self.model.momentum_update()                       # EMA teachers follow the new weights
+        if hasattr(self.model, "momentum_update"):              # EMA teachers follow the new weights
+            self.model.momentum_update(**({"gather": D.all_gather} if self.dist.enabled else {}))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         out["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -164,12 +184,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def save(self) -> Path:
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.run_dir, self.step, self.model, self.cfg.to_dict(), self.optimizer, self.scheduler,
-            loader_state=self.loader.state_dict(),
-            extra={"tokenizer_json": self.tokenizer.to_str(),
-                   "objectives": {k: v.cpu() for k, v in self.objectives.state_dict().items()}},
-            keep=self.cfg.train.keep)
+        """Checkpoint (every rank calls it: FSDP gathers the weights, every rank's RNG state is kept);
+        rank 0 writes it."""
+        model, optimizer = self.engine.model_state(), self.engine.optimizer_state(self.optimizer)
+        extra = {"tokenizer_json": self.tokenizer.to_str(),
+                 "objectives": {k: v.cpu() for k, v in self.objectives.state_dict().items()}}
+        if self.dist.enabled:
+            extra["rng_ranks"] = D.all_gather_object(ckpt.get_rng_state())
+            extra["world_size"] = self.dist.world_size
+        if self.engine.kind == "fsdp":
+            extra["optimizer_format"] = FSDP_OPTIM
+        loader_state = self.loader.state_dict()
+        if self.dist.enabled and getattr(self.loader, "stream_mode", None) in ("split", "resample"):
+            loader_state = D.all_gather_object(loader_state)      # each rank reads its own shards
+        path = None
+        if self.main:
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.step, model, self.cfg.to_dict(), optimizer, self.scheduler,
+                loader_state=loader_state, extra=extra, keep=self.cfg.train.keep)
+        self.last_checkpoint = Path(D.broadcast_object(str(path) if path else None))
         return self.last_checkpoint
 
     def _on_signal(self, signum, frame):
@@ -200,18 +233,25 @@ class Trainer:
                 batch = next(it)
                 self.skips.update(batch.skipped)
                 epoch_skips.update(batch.skipped)
-                if len(batch) == 0:
+                rows = [len(batch)]
+                if self.dist.enabled:            # every rank's rows: a step runs only if all have enough
+                    rows = [int(r) for r in torch.cat(D.all_gather(torch.tensor([len(batch)], device=self.device)))]
+                if min(rows) < (tc.grad_accum if self.dist.enabled else 1):
+                    if self.dist.enabled:
+                        log.warning("step %d: a rank's batch has %d usable sample(s) (< train.grad_accum): "
+                                    "batch skipped on every rank", self.step + 1, min(rows))
                     continue
                 batch = batch.to(self.device, non_blocking=True)
-                metrics = self.train_step(batch)
+                metrics = self.train_step(batch, rows)
                 self.step += 1
-                seen += len(batch)
+                seen += sum(rows)
                 ep = getattr(self.loader, "epoch", 0)
                 if ep != epoch:
                     if epoch_skips.total:
                         log.warning("epoch %d: %s", epoch, epoch_skips.summary())
                     epoch, epoch_skips = ep, SkipLog()
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    metrics = self._mean_over_ranks(metrics)
                     dt = time.perf_counter() - t0
                     metrics["samples_per_s"] = seen / max(dt, 1e-9)
                     metrics["skipped"] = self.skips.total
@@ -223,7 +263,7 @@ class Trainer:
                     self.save()
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     self.evaluate_val()
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     path = self.save()
                     log.warning("received signal %d: saved %s and stopped at step %d",
                                 self._stop_signal, path, self.step)
@@ -236,28 +276,58 @@ class Trainer:
             self.metrics.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
-        if self.skips.total:
+        if self.dist.enabled:                    # every rank's skips in the run's record
+            merged = SkipLog()
+            for other in D.all_gather_object(self.skips):
+                merged.update(other)
+            self.skips = merged
+        if self.skips.total and self.main:
             log.warning("whole run: %s", self.skips.summary())
-        (self.run_dir / "skipped.yaml").write_text(yaml.safe_dump(self.skips.to_dict()))
+        if self.main:
+            (self.run_dir / "skipped.yaml").write_text(yaml.safe_dump(self.skips.to_dict()))
+        D.barrier()
         return self.run_dir
+
+    def _stop_requested(self) -> bool:
+        """A signal reached this process (or, multi-process, any rank): all ranks stop at the same step."""
+        flag = float(self._stop_signal is not None)
+        if self.dist.enabled:
+            t = torch.tensor([flag], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = float(t)
+            if flag and self._stop_signal is None:
+                self._stop_signal = -1
+        return bool(flag)
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Logged numbers are rank means (global losses are equal on every rank; local ones differ)."""
+        if not self.dist.enabled:
+            return metrics
+        keys = sorted(metrics)
+        t = D.all_reduce_mean(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
+                                           device=self.device))
+        return dict(zip(keys, t.tolist()))
 
     def refresh_sampler(self) -> dict[str, float]:
         """Re-embed the training pairs (``data.refresh_embed``) for the semi-hard sampler; the
         embeddings apply from the next batch. Logs ``sampler/*`` metrics."""
         d = self.cfg.data
-        res = refresh_sampler(self.model, self.loader, d.refresh_embed, tokenizer=self.tokenizer,
-                              context_length=self.cfg.model.context_length,
-                              image_size=self.cfg.model.image_size, device=self.device,
-                              batch_size=d.eval_batch_size, workers=d.workers, autocast=self.autocast,
-                              progress=self.progress)
+        with self.engine.unsharded():    # multi-process: rank 0 embeds, every rank gets its embeddings
+            res = refresh_sampler(self.model, self.loader, d.refresh_embed, tokenizer=self.tokenizer,
+                                  context_length=self.cfg.model.context_length,
+                                  image_size=self.cfg.model.image_size, device=self.device,
+                                  batch_size=d.eval_batch_size, workers=d.workers, autocast=self.autocast,
+                                  progress=self.progress, compute=self.main,
+                                  share=D.broadcast_tensor if self.dist.enabled else None)
         self.refreshes += 1
         self.metrics.log(self.step, res, prefix="sampler")
         return res
 
     def evaluate_val(self) -> dict:
         from ..eval.runner import evaluate
-        res = evaluate(self.model, self.tokenizer, self.cfg, split=self.cfg.data.val, tasks=["retrieval"],
-                       device=self.device, progress=False)
+        with self.engine.unsharded():    # every rank evaluates its share (eval/runner.py)
+            res = evaluate(self.model, self.tokenizer, self.cfg, split=self.cfg.data.val, tasks=["retrieval"],
+                           device=self.device, progress=False)
         self.metrics.log(self.step, res.get("retrieval", {}), prefix="val")
         self.model.train()
         return res

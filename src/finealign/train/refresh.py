@@ -112,10 +112,18 @@ def embed_pairs(model, dataset, which: str, *, tokenizer=None, context_length: i
 def refresh_sampler(model, loader, which: str, *, tokenizer, context_length: int, image_size: int,
                     device: torch.device | str, batch_size: int = 128, workers: int = 0,
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                    progress: bool = False) -> dict[str, float]:
+                    progress: bool = False, compute: bool = True,
+                    share: Callable[[Tensor | None], Tensor] | None = None) -> dict[str, float]:
     """Embed ``loader.dataset`` with ``model`` (see ``embed_pairs``) and call
-    ``loader.update_embeddings``; returns ``{"refresh_s", **loader.sampler_stats()}``."""
+    ``loader.update_embeddings``; returns ``{"refresh_s", **loader.sampler_stats()}``.
+
+    Multi-process: one rank embeds (``compute``) and ``share`` hands its (N, E) result to every rank
+    (``distributed.broadcast_tensor``), so all ranks build the same global batch plan."""
     t0 = time.perf_counter()
+    if not compute:
+        emb = share(None)
+        loader.update_embeddings(emb)
+        return {"refresh_s": time.perf_counter() - t0, **loader.sampler_stats()}
     device = torch.device(device)
     was_training = model.training
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -132,5 +140,8 @@ def refresh_sampler(model, loader, which: str, *, tokenizer, context_length: int
         random.setstate(py)
         np.random.set_state(npy)
     emb = emb.float()
-    loader.update_embeddings(emb - emb.mean(dim=0, keepdim=True))              # centred (see above)
+    emb = emb - emb.mean(dim=0, keepdim=True)                                  # centred (see above)
+    if share is not None:
+        emb = share(emb)
+    loader.update_embeddings(emb)
     return {"refresh_s": time.perf_counter() - t0, **loader.sampler_stats()}

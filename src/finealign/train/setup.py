@@ -1,6 +1,7 @@
 """Building the pieces a run needs: run directory, device, tokenizer, training loader."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -13,13 +14,29 @@ from ..data.skips import SkipLog
 log = logging.getLogger("finealign")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: CUDA when available (device ``local_rank``: one GPU per process under torchrun), else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
     return dev
+
+
+@contextlib.contextmanager
+def rank_zero_first(dist):
+    """Rank 0 runs the block first (e.g. writes the tokenizer), then the other ranks (which read it)."""
+    from .. import distributed as D
+    if dist.enabled and not dist.is_main:
+        D.barrier()
+    try:
+        yield
+    finally:
+        if dist.enabled and dist.is_main:
+            D.barrier()
 
 
 def make_run_dir(cfg: Config, resume: str | None) -> Path:
@@ -62,7 +79,16 @@ def build_tokenizer(cfg: Config, run_dir: Path, skips: SkipLog):
     return tok
 
 
-def build_train_loader(cfg: Config, tokenizer, skips: SkipLog):
+def build_train_loader(cfg: Config, tokenizer, skips: SkipLog, dist=None, device="cpu"):
+    """This rank's training loader (``data.batch_size`` is the global batch; see docs/scaling.md)."""
     from ..data.loader import TrainLoader, build_source
     samples = build_source(cfg.data, "train", skips)
-    return TrainLoader(samples, tokenizer, cfg.data, cfg.model.image_size, cfg.model.context_length)
+    ranks = {}
+    if dist is not None and dist.enabled:
+        per_rank = cfg.data.batch_size // dist.world_size
+        if cfg.data.batch_size % dist.world_size or per_rank % cfg.train.grad_accum:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must split into "
+                             f"{dist.world_size} ranks × train.grad_accum={cfg.train.grad_accum} micro-batches")
+        from ..data.train_loader import rank_agreement
+        ranks = {"rank": dist.rank, "world_size": dist.world_size, "agree": rank_agreement(device)}
+    return TrainLoader(samples, tokenizer, cfg.data, cfg.model.image_size, cfg.model.context_length, **ranks)
