@@ -1,7 +1,13 @@
-"""Training-step throughput and peak memory for a recipe at a model preset (synthetic batches).
+"""Training-step throughput, peak memory and MFU for a recipe at a model preset (synthetic batches).
 
     python benchmarks/train_step.py --preset bench-tiny --recipe coca [--bf16] [--batch 64]
     python benchmarks/train_step.py --preset bench-tiny --recipe coca --recipe sycoca   # side by side
+    python benchmarks/train_step.py --preset bench-tiny --recipe coca --sweep model.image_size=64,96,128
+
+MFU = FLOPs of one step (counted with ``torch.utils.flop_counter.FlopCounterMode``) / step time / the
+matmul peak measured in the same run (median of square matmuls in the step's precision, in a child
+process like every configuration). ``--sweep KEY=v1,v2,...`` times one recipe at each value (one table:
+how cost grows with image size, sequence length or width).
 
 Each configuration runs in its own subprocess (clean peak-RSS numbers), alternating A/B for --rounds.
 If ``open_clip`` is importable, its CoCa built with the same shapes is timed in the same run and the
@@ -41,9 +47,12 @@ def run_finealign(recipe, preset, batch, bf16, steps, warmup, overrides=(), devi
     from finealign.objectives import StepContext, build_objectives
     from finealign.pipeline import Pipeline
     from finealign.train.optim import build_optimizer
+    from finealign.train.parallel import compile_blocks
     cfg = load_config(recipe, [f"model.preset={preset}", f"data.batch_size={batch}", *overrides])
     vocab = cfg.model.vocab_size or 8192
     model = build_model(cfg.model, vocab).to(device)
+    if cfg.train.compile:
+        compile_blocks(model)
     pipeline = Pipeline(model, cfg.masking)   # encode -> maskers -> heads, as the trainer runs it
     objectives = build_objectives(cfg.objectives).to(device)
     opt = build_optimizer(list(model.named_parameters()), cfg.train)
@@ -94,6 +103,27 @@ def run_open_clip(preset, batch, bf16, steps, warmup, device="cpu"):
     return _time(step, steps, warmup, batch, device)
 
 
+def matmul_peak(bf16, device="cpu", n=None, reps=10):
+    """Median TFLOP/s of an n×n @ n×n matmul in fp32 or bf16 (the denominator of MFU)."""
+    import torch
+    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t)
+    return {"tflops": 2 * n ** 3 / statistics.median(times) / 1e12, "n": n}
+
+
 def _time(step, steps, warmup, batch, device="cpu"):
     """Median step time; FLOPs of one step (FlopCounterMode); peak memory = peak RSS on CPU, peak
     allocated CUDA memory on GPU."""
@@ -122,6 +152,9 @@ def _time(step, steps, warmup, batch, device="cpu"):
 
 
 def _child(args):
+    if args.impl == "peak":
+        print(json.dumps(matmul_peak(args.bf16, args.device)))
+        return
     if args.impl == "open_clip":
         res = run_open_clip(args.preset, args.batch, args.bf16, args.steps, args.warmup, args.device)
     else:
@@ -142,42 +175,60 @@ def main():
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="config override for the finealign recipes (repeatable), e.g. model.mim_decoder_width=128")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: RSS on CPU, allocated on GPU)")
+    ap.add_argument("--sweep", metavar="KEY=V1,V2,...", help="time the (first) recipe at each value of one key")
+    ap.add_argument("--no-open-clip", action="store_true", help="do not time open_clip even if importable")
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.impl:
         return _child(args)
-    impls = args.recipe or ["coca"]
-    try:
-        import open_clip  # noqa: F401
-        impls.append("open_clip")
-    except Exception:
-        print("(open_clip not importable: timing finealign only)")
-    results = {i: [] for i in impls}
+    # a configuration = (label, impl, extra overrides)
+    recipes = args.recipe or ["coca"]
+    if args.sweep:
+        key, _, values = args.sweep.partition("=")
+        configs = [(f"{recipes[0]} {key.split('.')[-1]}={v}", recipes[0], [f"{key}={v}"]) for v in values.split(",")]
+    else:
+        configs = [(r, r, []) for r in recipes]
+        import importlib.util
+        if args.no_open_clip:
+            pass
+        elif importlib.util.find_spec("open_clip") is not None:
+            configs.append(("open_clip", "open_clip", []))
+        else:
+            print("(open_clip not importable: timing finealign only)")
+    results = {label: [] for label, _, _ in configs}
+    peaks = []
+    common = ["--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
+              str(args.warmup), "--device", args.device] + (["--bf16"] if args.bf16 else [])
     for _ in range(args.rounds):
-        for impl in impls:
-            cmd = [sys.executable, __file__, "--impl", impl, "--preset", args.preset, "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device] + (["--bf16"] if args.bf16 else [])
-            cmd += [f"--set={o}" for o in (args.set or []) if impl != "open_clip"]
+        out = subprocess.run([sys.executable, __file__, "--impl", "peak", *common], capture_output=True, text=True)
+        if out.returncode == 0:
+            peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["tflops"])
+        for label, impl, extra in configs:
+            cmd = [sys.executable, __file__, "--impl", impl, *common]
+            cmd += [f"--set={o}" for o in [*(args.set or []), *extra] if impl != "open_clip"]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
-                print(f"{impl} failed (left out of the table)", file=sys.stderr)
+                print(f"{label} failed (left out of the table)", file=sys.stderr)
                 continue
-            results[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
     prec = "bf16" if args.bf16 else "fp32"
-    print(f"\ndevice={args.device} preset={args.preset} batch={args.batch} precision={prec} rounds={args.rounds} steps/round={args.steps}"
-          + (f" overrides={' '.join(args.set)}" if args.set else ""))
-    print(f"{'impl':<16} {'samples/s':>10} {'step ms':>9} {'GFLOP/step':>11} {'TFLOP/s':>8} {'peak MB':>9} "
-          f"{'step time vs first':>19}")
+    peak = statistics.median(peaks) if peaks else float("nan")
+    print(f"\ndevice={args.device} preset={args.preset} batch={args.batch} precision={prec} rounds={args.rounds} "
+          f"steps/round={args.steps} matmul peak={peak:.2f} TFLOP/s" + (f" overrides={' '.join(args.set)}" if args.set else ""))
+    width = max(16, max(len(label) for label in results) + 1)
+    print(f"{'impl':<{width}} {'samples/s':>10} {'step ms':>9} {'GFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'peak MB':>9} {'step time vs first':>19}")
     base = None
-    for impl, rs in results.items():
+    for label, rs in results.items():
         if not rs:
             continue
         sps = statistics.median(r["samples_per_s"] for r in rs)
         step_ms = 1000 * args.batch / sps
         base = base or step_ms
         gflop = rs[0]["gflop"]
-        print(f"{impl:<16} {sps:10.1f} {step_ms:9.1f} {gflop:11.1f} {gflop / step_ms:8.2f} "
+        tflops = gflop / step_ms
+        print(f"{label:<{width}} {sps:10.1f} {step_ms:9.1f} {gflop:11.1f} {tflops:8.2f} {tflops / peak:6.1%} "
               f"{max(r['peak_rss_mb'] for r in rs):9.0f} {step_ms / base:18.2f}x")
 
 

@@ -193,6 +193,7 @@ class TrainConfig:
     eval_every: int = 0              # retrieval on the val split every N steps (0 = off)
     deterministic: bool = False      # torch.use_deterministic_algorithms
     threads: int = 0                 # torch.set_num_threads (0 = leave as is)
+    compile: bool = False            # torch.compile every transformer block (measured: docs/performance.md)
     # multi-process (torchrun): data.batch_size is the global batch; see docs/scaling.md
     strategy: str = "ddp"            # ddp | fsdp (FSDP2: parameters, gradients, optimizer state sharded)
     gather_with_grad: bool = False   # ITC: all-gather features with gradient (open_clip's option)

@@ -20,8 +20,13 @@ Conventions
 * Recalls are percentages in [0, 100]; ``mean_recall`` is the mean of all reported recalls
   (the "RSUM / 6" number of the ALBEF / BLIP / CoCa tables for ``ks=(1, 5, 10)``).
 
-Memory: at most ``chunk x T`` similarity scores (plus a ``chunk x T`` bool mask) exist at once, so
-5k images x 25k captions runs in a few hundred MB with the default ``chunk=1024``.
+Speed and memory: one product ``image_embed @ text_embed.T`` per chunk of ``chunk`` images serves both
+directions: image rows give the image -> text ranks, and every caption column adds the images of the
+chunk that score >= its correct image to its text -> image rank. The correct pairs are gathered
+(index lists, not ``chunk x T`` bool masks); the correct scores each caption is compared against come
+from a pre-pass over small blocks of the same product (verified against the chunk's own scores; on a
+mismatch the text -> image ranks are recomputed the direct way). At most ``chunk x T`` scores plus a
+``chunk x T`` byte buffer exist at once: a few hundred MB for 5k images x 25k captions at ``chunk=1024``.
 """
 from __future__ import annotations
 
@@ -79,7 +84,7 @@ def retrieval_ranks(image_embed: Tensor, text_embed: Tensor, text_to_image: Tens
     t2i = _check_inputs(image_embed, text_embed, text_to_image)
     img, txt = _as_float(image_embed), _as_float(text_embed)
     g_img, g_txt = retrieval_labels(t2i, img.shape[0], image_groups)
-    return label_ranks(img, txt, g_img, g_txt, chunk), label_ranks(txt, img, g_txt, g_img, chunk)
+    return _joint_label_ranks(img, txt, g_img, g_txt, chunk)
 
 
 def retrieval_labels(text_to_image: Tensor, num_images: int, image_groups: Tensor | None = None
@@ -95,10 +100,66 @@ def retrieval_labels(text_to_image: Tensor, num_images: int, image_groups: Tenso
     return g, g[text_to_image]
 
 
+# a query's correct keys are gathered as a padded (Q, m) index table when that stays small; otherwise
+# (huge label groups) the chunk x K bool-mask path below is used
+_MAX_PAIRS_PER_ROW = 64
+
+
+def _correct_keys(query_label: Tensor, key_label: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Keys with each query's label: ``(idx (Q, m) long, valid (Q, m) bool)``, m = the most keys any query
+    has (at least 1); padding repeats the query's first correct key (index 0 if it has none) and is
+    marked invalid. None when the table would be large (m > _MAX_PAIRS_PER_ROW and Q*m > Q + K)."""
+    Q, K = query_label.shape[0], key_label.shape[0]
+    device = key_label.device
+    order = torch.argsort(key_label, stable=True)                            # keys grouped by label
+    labels, counts = torch.unique_consecutive(key_label[order], return_counts=True)
+    if labels.numel() == 0:
+        return torch.zeros(Q, 1, dtype=torch.long, device=device), torch.zeros(Q, 1, dtype=torch.bool,
+                                                                               device=device)
+    starts = counts.cumsum(0) - counts
+    at = torch.searchsorted(labels, query_label).clamp(max=labels.numel() - 1)  # (Q,)
+    n = torch.where(labels[at] == query_label, counts[at], torch.zeros_like(counts[at]))
+    m = max(int(n.max()) if Q else 0, 1)
+    if m > _MAX_PAIRS_PER_ROW and Q * m > Q + K:
+        return None
+    j = torch.arange(m, device=device)[None, :]                               # (1, m)
+    valid = j < n[:, None]                                                    # (Q, m)
+    slot = starts[at][:, None] + torch.minimum(j, (n - 1).clamp(min=0)[:, None])
+    return torch.where(n[:, None] > 0, order[slot], torch.zeros_like(slot)), valid
+
+
+def _count_ge(scores: Tensor, threshold: Tensor, dim: int, buf: Tensor) -> Tensor:
+    """How many ``scores >= threshold`` (broadcast) along ``dim``, via a reused byte buffer: int32."""
+    return torch.ge(scores, threshold, out=buf).view(torch.uint8).sum(dim, dtype=torch.int32)
+
+
 def label_ranks(queries: Tensor, keys: Tensor, query_label: Tensor, key_label: Tensor,
                 chunk: int = 1024) -> Tensor:
     """queries (Q, E), keys (K, E); key k is correct for query q iff key_label[k] == query_label[q] ->
     (Q,) long: how many wrong keys score >= the best correct one (0 = top-1; ties count against)."""
+    pairs = _correct_keys(query_label, key_label)
+    if pairs is None:
+        return _label_ranks_masked(queries, keys, query_label, key_label, chunk)
+    idx, valid = pairs
+    Q, K = queries.shape[0], keys.shape[0]
+    ranks = torch.empty(Q, dtype=torch.long, device=queries.device)
+    c = min(chunk, Q)
+    sims_buf = queries.new_empty(c, K)
+    ge_buf = torch.empty(c, K, dtype=torch.bool, device=queries.device)
+    for start in range(0, Q, chunk):
+        stop = min(start + chunk, Q)
+        n = stop - start
+        sims = torch.mm(queries[start:stop], keys.T, out=sims_buf[:n])          # (c, K)
+        own = sims.gather(1, idx[start:stop])                                   # (c, m) correct keys' scores
+        ok = valid[start:stop]
+        best = own.masked_fill(~ok, float("-inf")).amax(dim=1, keepdim=True)   # (c, 1)
+        ranks[start:stop] = _count_ge(sims, best, 1, ge_buf[:n]) - ((own >= best) & ok).sum(dim=1)
+    return ranks
+
+
+def _label_ranks_masked(queries: Tensor, keys: Tensor, query_label: Tensor, key_label: Tensor,
+                        chunk: int = 1024) -> Tensor:
+    """``label_ranks`` with chunk x K bool masks (for label groups too large to gather)."""
     ranks = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
     for start in range(0, queries.shape[0], chunk):
         stop = min(start + chunk, queries.shape[0])
@@ -109,6 +170,55 @@ def label_ranks(queries: Tensor, keys: Tensor, query_label: Tensor, key_label: T
         ranks[start:stop] = (sims >= best).sum(dim=1)
         del sims, correct
     return ranks
+
+
+def _joint_label_ranks(img: Tensor, txt: Tensor, g_img: Tensor, g_txt: Tensor, chunk: int
+                       ) -> tuple[Tensor, Tensor]:
+    """(i2t (I,), t2i (T,)) ranks as two ``label_ranks`` calls would give, from one product per chunk.
+
+    Image rows of S = img @ txt.T give i2t as in ``label_ranks``. For t2i, caption t needs the score of
+    its best correct image, pos[t], before any chunk is counted: a pre-pass takes the scores of all
+    correct pairs from small blocks img[a:b] @ txt[cols].T, and each chunk checks them against its own
+    scores. Then rank[t] = #(images with S[i, t] >= pos[t]) - #(correct ones among them)."""
+    pairs = _correct_keys(g_img, g_txt)
+    if pairs is None:
+        return (_label_ranks_masked(img, txt, g_img, g_txt, chunk),
+                _label_ranks_masked(txt, img, g_txt, g_img, chunk))
+    idx, valid = pairs                                                        # (I, m): correct texts
+    I, T = img.shape[0], txt.shape[0]
+    # pre-pass: scores of every correct (image, text) pair, as blocks of the same product give them
+    own = img.new_empty(idx.shape)                                            # (I, m)
+    block = min(chunk, 256)
+    for a in range(0, I, block):
+        b = min(a + block, I)
+        cols, where = torch.unique(idx[a:b], return_inverse=True)             # texts of these images
+        own[a:b] = (img[a:b] @ txt[cols].T).gather(1, where)                  # (c, m)
+    t_of, s_of = idx[valid], own[valid]                                       # all correct pairs
+    pos = torch.full((T,), float("-inf"), dtype=img.dtype, device=img.device)
+    pos.scatter_reduce_(0, t_of, s_of, reduce="amax")                        # (T,) best correct image
+    correct_ge = torch.zeros(T, dtype=torch.long, device=img.device)
+    correct_ge.index_add_(0, t_of, (s_of >= pos[t_of]).long())               # correct images >= pos
+
+    i2t = torch.empty(I, dtype=torch.long, device=img.device)
+    t2i = torch.zeros(T, dtype=torch.long, device=img.device)
+    c = min(chunk, I)
+    sims_buf = img.new_empty(c, T)
+    ge_buf = torch.empty(c, T, dtype=torch.bool, device=img.device)
+    consistent = True
+    for start in range(0, I, chunk):
+        stop = min(start + chunk, I)
+        n = stop - start
+        sims = torch.mm(img[start:stop], txt.T, out=sims_buf[:n])               # (c, T)
+        got = sims.gather(1, idx[start:stop])                                   # (c, m)
+        consistent = consistent and torch.equal(got, own[start:stop])
+        ok = valid[start:stop]
+        best = got.masked_fill(~ok, float("-inf")).amax(dim=1, keepdim=True)   # (c, 1)
+        i2t[start:stop] = _count_ge(sims, best, 1, ge_buf[:n]) - ((got >= best) & ok).sum(dim=1)
+        t2i += _count_ge(sims, pos[None, :], 0, ge_buf[:n])                     # (T,)
+    del sims_buf, ge_buf
+    if not consistent:        # the blocked pre-pass rounded differently (or NaN scores): direct t2i
+        return i2t, label_ranks(txt, img, g_txt, g_img, chunk)
+    return i2t, t2i - correct_ge
 
 
 def single_target_ranks(queries: Tensor, keys: Tensor, target: Tensor, chunk: int = 1024) -> Tensor:

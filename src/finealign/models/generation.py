@@ -9,18 +9,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .layers import reorder_caches
+from .layers import KVCache, reorder_caches
 
 
 class Stepper:
-    """Next-token logits (N, V) for rows ``seqs`` (N, L), given the image memory (N, M, D)."""
+    """Next-token logits (N, V) for rows ``seqs`` (N, L), given the image memory (N / group, M, D):
+    rows r*group .. r*group + group-1 share memory row r (beam search: the beams of one image)."""
 
-    def __init__(self, model, memory: Tensor, use_cache: bool):
-        self.model, self.memory, self.use_cache = model, memory, use_cache
+    def __init__(self, model, memory: Tensor, use_cache: bool, group: int = 1):
+        self.model, self.use_cache, self.group = model, use_cache, group
         self.cached = 0                                                      # positions held in the caches
         if use_cache:
+            # the memory stays (B, M, D): its cross-attention keys/values are computed once per image,
+            # and each image's beams attend to them as a group (models/layers.py, Attention)
+            self.memory = memory
             self.text_cache = model.text.new_cache()
             self.dec_cache = model.decoder.new_cache()
+            _reserve([self.text_cache, self.dec_cache["self"]], model.text.context_length)
+        else:
+            self.memory = memory.repeat_interleave(group, dim=0) if group > 1 else memory  # (N, M, D)
 
     def __call__(self, seqs: Tensor) -> Tensor:
         m = self.model
@@ -36,10 +43,19 @@ class Stepper:
 
     def reorder(self, rows: Tensor) -> None:
         """Rows follow their beam of origin. Origins stay within one image, so the memory and the
-        cross-attention caches (identical across an image's beams) need no reordering."""
+        cross-attention caches (one per image) need no reordering."""
         if self.use_cache:
             reorder_caches(self.text_cache, rows)
             reorder_caches(self.dec_cache["self"], rows)
+
+
+def _reserve(caches, capacity: int) -> None:
+    """Preallocate self-attention caches for ``capacity`` positions (no regrowth while decoding)."""
+    if isinstance(caches, KVCache):
+        caches.capacity = max(caches.capacity, capacity)
+    else:
+        for c in caches:
+            _reserve(c, capacity)
 
 
 def _ban(logits: Tensor, ids: list[int]) -> Tensor:
@@ -127,8 +143,7 @@ def generate(model, images: Tensor, bos_id: int, eos_id: int, pad_id: int, strat
     if strategy == "top_p":
         return _sample_loop(Stepper(model, memory, use_cache), B, bos_id, eos_id, pad_id, max_new, banned,
                             lambda logits: _top_p_sample(logits, top_p, temperature, generator))
-    if strategy == "beam":
-        memory = memory.repeat_interleave(beam_size, dim=0)                  # (B*K, Q, D)
-        return _beam_search(Stepper(model, memory, use_cache), B, beam_size, bos_id, eos_id, pad_id,
-                            max_new, banned)
+    if strategy == "beam":                                                   # B*K rows, image b -> rows b*K..
+        return _beam_search(Stepper(model, memory, use_cache, group=beam_size), B, beam_size, bos_id, eos_id,
+                            pad_id, max_new, banned)
     raise ValueError(f"unknown decoding strategy {strategy!r} (greedy | beam | top_p)")

@@ -10,42 +10,83 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
 class KVCache:
-    """Keys and values of one attention layer, (B, H, L, Dh) each, grown one decoding step at a time.
+    """Keys and values of one attention layer for incremental decoding; ``k`` / ``v`` read (B, H, L, Dh).
 
-    Self-attention caches ``append`` new keys/values; cross-attention caches are filled once (``set``)
-    from the fixed memory. ``reorder`` picks batch rows (beam search: rows follow their beam of origin).
+    Self-attention caches ``append`` the new positions' keys/values into one preallocated buffer
+    (capacity, 2, B, H, Dh) (k and v side by side, positions outermost): no ``torch.cat`` copy of the
+    whole prefix per step, and the filled prefix ``buf[:L]`` is one contiguous block, so a beam-search
+    ``reorder`` is a single ``index_select`` into a second buffer that then takes over (double buffering).
+    The capacity (``capacity``, e.g. the context length) grows by doubling if exceeded.
+    Cross-attention caches are filled once (``set``) from the fixed memory.
     """
 
-    def __init__(self):
-        self.k: Tensor | None = None
+    def __init__(self, capacity: int = 0):
+        self.capacity = capacity
+        self.k: Tensor | None = None       # (B, H, L, Dh), a view into _buf for appended caches
         self.v: Tensor | None = None
+        self._buf: Tensor | None = None    # (capacity, 2, B, H, Dh)
+        self._spare: Tensor | None = None  # same shape, target of the next reorder
+        self._len = 0
 
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self._len if self._buf is not None else (0 if self.k is None else self.k.shape[2])
 
     @property
     def filled(self) -> bool:
         return self.k is not None
 
     def set(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k, self.v = k, v
+        self.k, self.v, self._buf, self._spare = k, v, None, None
         return k, v
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat([self.k, k], dim=2)  # (B, H, L+t, Dh)
-            self.v = torch.cat([self.v, v], dim=2)
+    def _views(self) -> tuple[Tensor, Tensor]:
+        filled = self._buf[:self._len]                                   # (L, 2, B, H, Dh)
+        self.k = filled[:, 0].permute(1, 2, 0, 3)                       # (B, H, L, Dh) strided view
+        self.v = filled[:, 1].permute(1, 2, 0, 3)
         return self.k, self.v
 
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v (B, H, t, Dh) of t new positions -> all cached keys / values (B, H, L+t, Dh)."""
+        B, H, t, Dh = k.shape
+        if self._buf is None and self.k is not None:                    # set() before: keep its content
+            prev_k, prev_v, self.k = self.k, self.v, None
+            self.append(prev_k, prev_v)
+        L = self._len
+        if self._buf is None or L + t > self._buf.shape[0] or self._buf.shape[2:] != (B, H, Dh):
+            if self._buf is not None and self._buf.shape[2:] != (B, H, Dh):
+                raise ValueError(f"cache holds rows of shape {tuple(self._buf.shape[2:])}, "
+                                 f"got keys of shape {(B, H, Dh)}")
+            cap = max(self.capacity, L + t, 2 * (self._buf.shape[0] if self._buf is not None else 0))
+            buf = k.new_empty(cap, 2, B, H, Dh)
+            if L:
+                buf[:L] = self._buf[:L]
+            self._buf, self._spare = buf, None
+        self._buf[L:L + t, 0] = k.permute(2, 0, 1, 3)                     # (t, B, H, Dh)
+        self._buf[L:L + t, 1] = v.permute(2, 0, 1, 3)
+        self._len = L + t
+        return self._views()
+
     def reorder(self, index: Tensor) -> None:
-        if self.k is not None:
+        """Keep batch rows ``index`` (N,) in that order (beam search: each row follows its beam of origin)."""
+        if self._buf is not None:
+            L, cap = self._len, self._buf.shape[0]
+            if index.numel() == self._buf.shape[2]:
+                if self._spare is None:
+                    self._spare = torch.empty_like(self._buf)
+                torch.index_select(self._buf[:L], 2, index, out=self._spare[:L])
+                self._buf, self._spare = self._spare, self._buf
+            else:                                                        # the batch changes size
+                buf = self._buf.new_empty(cap, 2, index.numel(), *self._buf.shape[3:])
+                torch.index_select(self._buf[:L], 2, index, out=buf[:L])
+                self._buf, self._spare = buf, None
+            self._views()
+        elif self.k is not None:
             self.k = self.k.index_select(0, index)
             self.v = self.v.index_select(0, index)
 
@@ -93,7 +134,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
                 is_causal: bool = False, cache: KVCache | None = None, need_weights: bool = False):
-        """x (B, L, D); context (B, S, Dkv) for cross-attention (unused once ``cache`` is filled);
+        """x (B, L, D); context (B, S, Dkv) for cross-attention (unused once ``cache`` is filled; its
+        batch may be B / g: rows b*g .. b*g+g-1 then share memory row b);
         mask: bool, broadcastable to (B, H, L, S), True = may attend.
         Returns (B, L, D), or ((B, L, D), weights (B, H, L, S)) when need_weights."""
         B, L, D = x.shape
@@ -103,8 +145,8 @@ class Attention(nn.Module):
             if cache is not None and cache.filled:
                 k, v = cache.k, cache.v
             else:
-                S = context.shape[1]
-                k, v = self.kv(context).view(B, S, 2, H, Dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, Dh)
+                Bm, S = context.shape[:2]
+                k, v = self.kv(context).view(Bm, S, 2, H, Dh).permute(2, 0, 3, 1, 4)  # 2 x (Bm, H, S, Dh)
                 if cache is not None:
                     cache.set(k, v)
         else:
@@ -112,6 +154,20 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.append(k, v)                                         # (B, H, S, Dh)
 
+        if k.shape[0] != B:
+            # memory shared by groups of g consecutive rows (beam search: the K beams of one image attend
+            # to that image's memory, cached once): (Bm, H, g*L, Dh) queries over (Bm, H, S, Dh) keys
+            Bm = k.shape[0]
+            if B % Bm or not self.cross:
+                raise ValueError(f"{B} query rows do not split into groups over {Bm} memory rows")
+            if need_weights or mask is not None:                             # rare: expand the keys
+                k, v = k.repeat_interleave(B // Bm, dim=0), v.repeat_interleave(B // Bm, dim=0)
+            else:
+                g = B // Bm
+                qg = q.reshape(Bm, g, H, L, Dh).transpose(1, 2).reshape(Bm, H, g * L, Dh)
+                y = F.scaled_dot_product_attention(qg, k, v)                 # (Bm, H, g*L, Dh)
+                y = y.view(Bm, H, g, L, Dh).permute(0, 2, 3, 1, 4).reshape(B, L, D)
+                return self.proj(y)
         if need_weights:  # explicit softmax(q k^T / sqrt(d)) v, only on request
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(Dh))              # (B, H, L, S)
             if is_causal:
@@ -120,6 +176,11 @@ class Attention(nn.Module):
                 att = att.masked_fill(~mask, float("-inf"))
             att = att.softmax(dim=-1)
             y = att.to(v.dtype) @ v
+        elif q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            # CPU, half precision: PyTorch's flash kernel is 2-2.6x slower (forward + backward) than the math
+            # kernel at these sequence lengths (benchmarks/attention.py); fp32 and CUDA keep the default choice
+            with sdpa_kernel(SDPBackend.MATH):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         y = self.proj(y.transpose(1, 2).reshape(B, L, D))                          # (B, L, D)

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .gather import StepGather, micro_bounds
 from .logging import MetricLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
-from .parallel import FSDP_OPTIM, Engine
+from .parallel import FSDP_OPTIM, Engine, compile_blocks
 from .refresh import refresh_sampler
 from .setup import build_tokenizer, build_train_loader, make_run_dir, pick_device, rank_zero_first
 
@@ -85,6 +85,8 @@ class Trainer:
         if not len(self.objectives):
             raise ValueError("no objective has a non-zero weight: nothing to train")
         needs = {r for o in self.objectives.values() for r in o.requires}
+        if tc.compile:
+            compile_blocks(self.model)
         self.engine = Engine(self.model, tc.strategy, self.dist, self.device)
         if self.dist.rank:                       # per-rank randomness (masks, dropout, mixing draws)
             seed_everything(tc.seed + 7919 * self.dist.rank)

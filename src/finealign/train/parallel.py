@@ -29,6 +29,16 @@ from ..distributed import DistInfo
 FSDP_OPTIM = "fsdp-full"          # marker of an FSDP checkpoint's optimizer state format
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """``train.compile``: ``torch.compile`` every transformer block in place (the blocks are where the
+    time goes; the model's Python glue — pipeline, maskers, heads — stays eager). Returns how many."""
+    from ..models.layers import Block
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for b in blocks:
+        b.compile()
+    return len(blocks)
+
+
 class _Run(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
