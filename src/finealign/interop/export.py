@@ -15,7 +15,6 @@ Each file is written under a temporary name and renamed, export.json last; ``loa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from ..train.checkpoint import _sha256
 
 FORMAT = "finealign-export"
 VERSION = 1
@@ -32,14 +33,6 @@ MARKER = "export.json"
 
 class ExportError(ValueError):
     """An export directory that is incomplete, corrupt or would be overwritten."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_export_dir(path: str | Path) -> bool:
