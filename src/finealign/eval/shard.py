@@ -43,10 +43,9 @@ def shard_bounds(n: int, batch_size: int, rank: int, world_size: int) -> tuple[i
 
 
 @dataclass(frozen=True)
-class Sharding:
-    """Which share of an evaluation this process computes; ``enabled`` iff world_size > 1."""
-    rank: int = 0
-    world_size: int = 1
+class Sharding(fdist.DistInfo):
+    """Which share of an evaluation this process computes (``rank``, ``world_size``, ``enabled`` iff
+    world_size > 1, ``is_main``: those of :class:`finealign.distributed.DistInfo`)."""
 
     @classmethod
     def current(cls, enabled: bool | None = None) -> "Sharding":
@@ -55,14 +54,6 @@ class Sharding:
         if enabled is False or d.world_size <= 1:
             return cls()
         return cls(rank=d.rank, world_size=d.world_size)
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def bounds(self, n: int, batch_size: int) -> tuple[int, int]:
         return shard_bounds(n, batch_size, self.rank, self.world_size)

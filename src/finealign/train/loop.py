@@ -192,8 +192,7 @@ class Trainer:
         extra = {"tokenizer_json": self.tokenizer.to_str(),
                  "objectives": {k: v.cpu() for k, v in self.objectives.state_dict().items()}}
         if self.dist.enabled:
-            extra["rng_ranks"] = D.all_gather_object(ckpt.get_rng_state())
-            extra["world_size"] = self.dist.world_size
+            extra["rng_ranks"] = D.all_gather_object(ckpt.get_rng_state())   # one per rank
         if self.engine.kind == "fsdp":
             extra["optimizer_format"] = FSDP_OPTIM
         loader_state = self.loader.state_dict()
