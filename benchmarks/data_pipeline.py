@@ -2,6 +2,7 @@
 
     python benchmarks/data_pipeline.py                       # emoji files + webdataset shards, workers 0 1 2
     python benchmarks/data_pipeline.py --workers 0 --batches 20 --recipe clip --train-steps 2   # quick
+    python benchmarks/data_pipeline.py --profile             # where a workers=0 batch spends its time
 
 What is timed is exactly what the trainer consumes: ``finealign.data.loader.TrainLoader`` batches
 (image decode, the training ``ImageTransform`` with augmentation, ``collate_items`` and the
@@ -91,7 +92,56 @@ def run_pipeline(source: str, workers: int, root: str, shards: str | None, prese
         loader.close()
     return {"images_per_s": rows / wall, "ms_per_batch": 1000 * wall / batches,
             "main_cpu_ms_per_batch": 1000 * cpu / batches, "first_batch_s": first_s,
-            "shape": list(first.images.shape), "skipped": skips.total}
+            "shape": list(first.images.shape), "skipped": skips.total,
+            "finealign": str(Path(sys.modules["finealign"].__file__).parent)}
+
+
+# (label, file suffix, function name): where the main process spends a workers=0 batch (cProfile
+# cumulative times; nested rows are indented and included in the row above them)
+_STAGES = [
+    ("TrainLoader batch (total)", "train_loader.py", "__next__"),
+    ("  stream: tar read, json, shuffle buffer", "webdataset_source.py", "iter_with_skips"),
+    ("  load_item (decode + transform)", "common.py", "load_item"),
+    ("    read + decode file (emoji)", "emoji.py", "_open_rgb"),
+    ("    decode bytes (webdataset)", "common.py", "open_image_bytes"),
+    ("    to_rgb (all calls, EXIF)", "transforms.py", "to_rgb"),
+    ("    ImageTransform", "transforms.py", "__call__"),
+    ("      crop box", "transforms.py", "random_resized_crop_box"),
+    ("      resize (PIL bicubic)", "~", "<method 'resize' of 'ImagingCore' objects>"),
+    ("      pil_to_tensor", "transforms.py", "pil_to_tensor"),
+    ("      brightness", "transforms.py", "_brightness"),
+    ("      contrast", "transforms.py", "_contrast"),
+    ("      normalize", "transforms.py", "normalize"),
+    ("  collate_items (stack)", "loader.py", "collate_items"),
+    ("  tokenise (Collator.finish)", "loader.py", "finish"),
+]
+
+
+def profile_pipeline(source: str, root: str, shards: str | None, preset: str, batch: int, batches: int,
+                     warmup: int) -> list[tuple[str, float]]:
+    """cProfile of ``batches`` workers=0 batches: (stage, ms per batch) for the ``_STAGES`` found."""
+    import cProfile
+    import pstats
+    from finealign.data.loader import TrainLoader, build_source
+    from finealign.data.skips import SkipLog
+    cfg = _config(source, root, shards, preset, batch, 0)
+    loader = TrainLoader(build_source(cfg.data, "train", SkipLog()), _tokenizer(root, preset), cfg.data,
+                         cfg.model.image_size, cfg.model.context_length)
+    for _ in range(warmup):
+        next(loader)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(batches):
+        next(loader)
+    prof.disable()
+    loader.close()
+    stats = pstats.Stats(prof).stats                     # (file, line, name) -> (cc, nc, tt, ct, callers)
+    out = []
+    for label, suffix, name in _STAGES:
+        ct = sum(v[3] for (f, _, n), v in stats.items() if n == name and f.endswith(suffix))
+        if ct:
+            out.append((label, 1000 * ct / batches))
+    return out
 
 
 def run_train_step(recipe: str, preset: str, batch: int, steps: int, warmup: int) -> dict:
@@ -137,6 +187,8 @@ def main() -> None:
     ap.add_argument("--train-warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (median reported)")
     ap.add_argument("--maxcount", type=int, default=500, help="samples per webdataset shard")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of timing: cProfile workers=0 batches of each source, time per stage")
     ap.add_argument("--src", action="append", metavar="NAME=PATH",
                     help="time the pipeline of the finealign package under PATH (repeatable, A/B in one run)")
     ap.add_argument("--shards", help=argparse.SUPPRESS)
@@ -151,6 +203,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="finealign-shards-"))
     try:
         shards = _write_shards(args.root, args.preset, tmp, args.maxcount) if "webdataset" in sources else None
+        if args.profile:
+            for s in sources:
+                rows = profile_pipeline(s, args.root, shards, args.preset, args.batch, args.batches, args.warmup)
+                print(f"\n{s}, workers=0, cProfile over {args.batches} batches of {args.batch} "
+                      f"(profiler overhead included; nested rows are part of the row above)")
+                for label, ms in rows:
+                    print(f"  {label:<42} {ms:8.2f} ms/batch")
+            return
         codes = dict(_code(c) for c in args.src) if args.src else {"": ""}
         jobs = [(f"train:{r}", "") for r in recipes]
         jobs += [(f"pipe:{s}/{w}", c) for s in sources for w in args.workers for c in codes]

@@ -9,11 +9,16 @@ BOS + the new tokens get ``model.context_length`` raised (positional table only,
 tokens/s = images x new tokens / wall time of one ``model.generate`` call (image encoding included;
 beam search counts the tokens of the returned caption, not those of all K beams). Cached and uncached
 calls alternate inside one process, ``--repeats`` times; the median is reported, and the two outputs
-are checked to be identical. ``--profile`` prints the torch.profiler table of one cached call instead.
+are checked to be identical. "image encoding" (the ViT + pooler pass both paths start with) is timed on
+its own in the same rounds; "decoding speed-up" leaves it out of both times.
+
+    python benchmarks/generation.py --cached-only --src /tmp/old/src    # another source tree (A/B)
+    python benchmarks/generation.py --profile --preset bench-tiny --batch 64 --strategy beam   # torch.profiler
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -44,8 +49,16 @@ def time_generate(model, images, strategy, beam, new_tokens, eos, use_cache):
     return time.perf_counter() - t0, out
 
 
+@torch.no_grad()
+def time_encode(model, images):
+    t0 = time.perf_counter()
+    model.encode_image(images)
+    return time.perf_counter() - t0
+
+
 def bench(args) -> list[dict]:
     rows = []
+    modes = (True,) if args.cached_only else (True, False)
     for preset in args.preset:
         model, mcfg, V = build(preset, args.new_tokens, args.vocab)
         eos = V                                                  # never emitted: every row runs to the end
@@ -53,24 +66,29 @@ def bench(args) -> list[dict]:
             for B in args.batch:
                 g = torch.Generator().manual_seed(B)
                 images = torch.randn(B, 3, mcfg.image_size, mcfg.image_size, generator=g)
-                times = {True: [], False: []}
+                times = {True: [], False: [], "encode": []}
                 outs = {}
                 time_generate(model, images, strategy, args.beam, 2, eos, True)   # warm-up
                 for r in range(args.repeats):
-                    for use_cache in ((True, False) if r % 2 == 0 else (False, True)):
+                    for use_cache in (modes if r % 2 == 0 else modes[::-1]):
                         dt, outs[use_cache] = time_generate(model, images, strategy, args.beam,
                                                             args.new_tokens, eos, use_cache)
                         times[use_cache].append(dt)
+                    times["encode"].append(time_encode(model, images))
                 if outs[True].shape != (B, 1 + args.new_tokens):
                     sys.exit(f"expected {args.new_tokens} new tokens, got shape {tuple(outs[True].shape)}")
-                same = torch.equal(outs[True], outs[False])
-                tc, tu = statistics.median(times[True]), statistics.median(times[False])
                 n = B * args.new_tokens
+                tc, te = statistics.median(times[True]), statistics.median(times["encode"])
                 row = dict(preset=preset, strategy=f"beam {args.beam}" if strategy == "beam" else strategy,
-                           batch=B, cached=n / tc, uncached=n / tu, speedup=tu / tc, same=same)
+                           batch=B, cached_s=tc, encode_s=te, cached=n / tc, cached_decode=n / max(tc - te, 1e-9))
+                if not args.cached_only:
+                    tu = statistics.median(times[False])
+                    row.update(uncached_s=tu, uncached=n / tu, speedup=tu / tc,
+                               decode_speedup=(tu - te) / max(tc - te, 1e-9), same=torch.equal(outs[True], outs[False]))
                 rows.append(row)
-                print(f"# {preset} {row['strategy']} B={B}: cached {tc:.3f}s uncached {tu:.3f}s "
-                      f"identical={same}", file=sys.stderr, flush=True)
+                print(f"# {preset} {row['strategy']} B={B}: cached {tc:.3f}s "
+                      + ("" if args.cached_only else f"uncached {row['uncached_s']:.3f}s identical={row['same']} ")
+                      + f"(image encoding {te:.3f}s)", file=sys.stderr, flush=True)
     return rows
 
 
@@ -96,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--profile", action="store_true", help="profile one call of the first configuration")
     p.add_argument("--uncached", action="store_true", help="with --profile: profile the uncached path")
+    p.add_argument("--cached-only", action="store_true", help="time the cached path only (A/B of versions)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--src", default=str(Path(__file__).resolve().parent.parent / "src"),
                    help="finealign source tree to import (default: this checkout's src/)")
     args = p.parse_args(argv)
@@ -109,13 +129,23 @@ def main(argv=None) -> int:
         profile(args)
         return 0
     rows = bench(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.new_tokens} new tokens, "
-          f"median of {args.repeats}")
-    print("| preset | strategy | batch | cached tok/s | uncached tok/s | speed-up | identical |")
-    print("|---|---|---:|---:|---:|---:|---|")
+          f"median of {args.repeats}, finealign from {args.src}")
+    if args.cached_only:
+        print("| preset | strategy | batch | cached tok/s | image encoding ms |")
+        print("|---|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['preset']} | {r['strategy']} | {r['batch']} | {r['cached']:.1f} | {1e3 * r['encode_s']:.0f} |")
+        return 0
+    print("| preset | strategy | batch | cached tok/s | uncached tok/s | speed-up | image encoding ms "
+          "| decoding speed-up | identical |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['preset']} | {r['strategy']} | {r['batch']} | {r['cached']:.1f} | {r['uncached']:.1f} "
-              f"| {r['speedup']:.2f}× | {'yes' if r['same'] else 'NO'} |")
+              f"| {r['speedup']:.2f}× | {1e3 * r['encode_s']:.0f} | {r['decode_speedup']:.2f}× "
+              f"| {'yes' if r['same'] else 'NO'} |")
     return 0 if all(r["same"] for r in rows) else 1
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 
 def load_module(path: str):
-    spec = importlib.util.spec_from_file_location("retrieval_compare", path)
+    spec = importlib.util.spec_from_file_location(f"retrieval_compare_{abs(hash(path))}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=1024, help="retrieval_metrics(chunk=...)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--compare-with", metavar="FILE", help="another retrieval.py to time side by side")
+    p.add_argument("--compare-with", metavar="FILE", action="append", default=[],
+                   help="another retrieval.py to time side by side (repeatable)")
     p.add_argument("--src", default=str(Path(__file__).resolve().parent.parent / "src"),
                    help="finealign source tree to import (default: this checkout's src/)")
     args = p.parse_args(argv)
@@ -67,8 +68,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from finealign.eval import retrieval as current
     impls = [("finealign", current)]
-    if args.compare_with:
-        impls.insert(0, (f"{args.compare_with}", load_module(args.compare_with)))
+    impls = [(path, load_module(path)) for path in args.compare_with] + impls
     rows, ok = [], True
     for dim in args.dim or [512, 256]:
         img, txt, t2i = data(args.images, args.per_image, dim)

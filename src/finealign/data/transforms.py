@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -72,15 +72,28 @@ def _wide_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
+_TRANSPOSING = frozenset(range(2, 9))            # EXIF orientations that move pixels (1 = as stored)
+
+
+def _apply_orientation(img: Image.Image) -> Image.Image:
+    """``img`` with its EXIF orientation applied (tag removed); ``img`` itself when there is nothing
+    to apply (``ImageOps.exif_transpose`` would return a copy: three per image on the loader path)."""
+    try:
+        img.load()                               # some formats find their EXIF only while decoding
+        if img.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSING:
+            return ImageOps.exif_transpose(img)
+    except Exception:  # broken EXIF must not make an otherwise fine image unusable
+        pass
+    return img
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image -> 8-bit RGB (EXIF orientation applied, transparency composited on white).
 
-    Raises ``ValueError("unsupported image mode ...")`` for modes PIL cannot convert.
+    An RGB image without an orientation to apply is returned as is (not copied): treat the result
+    as read-only. Raises ``ValueError("unsupported image mode ...")`` for modes PIL cannot convert.
     """
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # broken EXIF must not make an otherwise fine image unusable
-        pass
+    img = _apply_orientation(img)
     mode = img.mode
     if mode == "RGB":
         return img
@@ -118,17 +131,32 @@ def pil_to_tensor(img: Image.Image) -> Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+_MEAN_STD: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
+    """CLIP mean and std as (3, 1, 1) tensors of ``x``'s dtype and device, built once per pair (two
+    ``torch.tensor`` calls per image were a tenth of the transform's time). Read-only."""
+    key = (x.dtype, x.device)
+    ms = _MEAN_STD.get(key)
+    if ms is None:
+        ms = (torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1),
+              torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(3, 1, 1))
+        # not kept when made under inference mode (such tensors cannot be saved for a later backward)
+        if not (torch.is_inference_mode_enabled() or torch.compiler.is_compiling() or x.device.type == "meta"):
+            _MEAN_STD[key] = ms
+    return ms
+
+
 def normalize(x: Tensor) -> Tensor:
     """(..., 3, H, W) in [0, 1] -> CLIP-normalised."""
-    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    mean, std = _mean_std(x)
     return (x - mean) / std
 
 
 def denormalize(x: Tensor) -> Tensor:
     """(..., 3, H, W) CLIP-normalised -> [0, 1] (clamped), for visualisation."""
-    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    mean, std = _mean_std(x)
     return (x * std + mean).clamp(0.0, 1.0)
 
 

@@ -54,9 +54,8 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v (B, H, t, Dh) of t new positions -> all cached keys / values (B, H, L+t, Dh)."""
         B, H, t, Dh = k.shape
-        if self._buf is None and self.k is not None:                    # set() before: keep its content
-            prev_k, prev_v, self.k = self.k, self.v, None
-            self.append(prev_k, prev_v)
+        if self._buf is None and self.k is not None:
+            raise ValueError("this cache holds fixed keys/values (set()); append() is for self-attention")
         L = self._len
         if self._buf is None or L + t > self._buf.shape[0] or self._buf.shape[2:] != (B, H, Dh):
             if self._buf is not None and self._buf.shape[2:] != (B, H, Dh):
@@ -154,20 +153,17 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.append(k, v)                                         # (B, H, S, Dh)
 
-        if k.shape[0] != B:
+        Bm, g = k.shape[0], 1
+        if Bm != B:
             # memory shared by groups of g consecutive rows (beam search: the K beams of one image attend
             # to that image's memory, cached once): (Bm, H, g*L, Dh) queries over (Bm, H, S, Dh) keys
-            Bm = k.shape[0]
             if B % Bm or not self.cross:
                 raise ValueError(f"{B} query rows do not split into groups over {Bm} memory rows")
             if need_weights or mask is not None:                             # rare: expand the keys
                 k, v = k.repeat_interleave(B // Bm, dim=0), v.repeat_interleave(B // Bm, dim=0)
             else:
                 g = B // Bm
-                qg = q.reshape(Bm, g, H, L, Dh).transpose(1, 2).reshape(Bm, H, g * L, Dh)
-                y = F.scaled_dot_product_attention(qg, k, v)                 # (Bm, H, g*L, Dh)
-                y = y.view(Bm, H, g, L, Dh).permute(0, 2, 3, 1, 4).reshape(B, L, D)
-                return self.proj(y)
+                q = q.reshape(Bm, g, H, L, Dh).transpose(1, 2).reshape(Bm, H, g * L, Dh)
         if need_weights:  # explicit softmax(q k^T / sqrt(d)) v, only on request
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(Dh))              # (B, H, L, S)
             if is_causal:
@@ -183,7 +179,11 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
-        y = self.proj(y.transpose(1, 2).reshape(B, L, D))                          # (B, L, D)
+        if g > 1:                                                                  # (Bm, H, g*L, Dh)
+            y = y.view(Bm, H, g, L, Dh).permute(0, 2, 3, 1, 4)                     # (Bm, g, L, H, Dh)
+        else:
+            y = y.transpose(1, 2)                                                  # (B, L, H, Dh)
+        y = self.proj(y.reshape(B, L, D))                                          # (B, L, D)
         return (y, att) if need_weights else y
 
 
