@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--force", action="store_true", help="overwrite an existing export in OUT_DIR")
 
+    p = sub.add_parser("serve", help="local demo web app: text search, captions, relevance maps",
+                       description="Serve CKPT with a page and a JSON API (/api/, schema at /docs) over the "
+                                   "images of --gallery (embedded once, cached).")
+    p.add_argument("checkpoint")
+    p.add_argument("--gallery", required=True, help="directory of images to search")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--cache", default=None, help="embedding cache dir (default: ~/.cache/finealign/serve)")
+    p.add_argument("--max-upload-mb", type=float, default=8.0, help="upload size limit in MiB (default: 8)")
+
     sub.add_parser("recipes", help="list bundled recipes")
     return ap
 
@@ -378,6 +388,11 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import cmd_serve as run
+    return run(args)
+
+
 def cmd_recipes(args) -> int:
     from .config import CONFIG_DIR, bundled_recipes
     for p in bundled_recipes():
@@ -388,7 +403,7 @@ def cmd_recipes(args) -> int:
 
 VERBS = {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "caption": cmd_caption,
          "retrieve": cmd_retrieve, "quickstart": cmd_quickstart, "ablate": cmd_ablate, "viz": cmd_viz,
-         "recipes": cmd_recipes, "analyze": cmd_analyze, "export": cmd_export}
+         "recipes": cmd_recipes, "analyze": cmd_analyze, "export": cmd_export, "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

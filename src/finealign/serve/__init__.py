@@ -1,0 +1,37 @@
+"""``finealign serve CKPT --gallery DIR``: a local demo web app (FastAPI + uvicorn, 127.0.0.1 by default).
+
+Search a gallery by text, caption an uploaded image (MacCap zero-shot captions for MacCap checkpoints,
+the caption decoder for CoCa-style ones, none for CLIP) with its closest candidate captions, and see the
+patch-text relevance map of an image and a text. The gallery is embedded once and cached on disk
+(gallery.py); the page and the JSON API under ``/api/`` are in app.py / page.py. Needs the ``serve``
+extra (``pip install 'finealign[serve]'``).
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("finealign")
+
+
+def build(checkpoint, gallery, cache=None, max_upload_mb: float = 8.0):
+    """(FastAPI app, Gallery) for ``checkpoint`` (anything ``finealign.load`` reads) and a gallery dir."""
+    from ..api import load
+    from .app import create_app
+    from .gallery import load_gallery
+    loaded = load(checkpoint)
+    g = load_gallery(loaded, gallery, cache)
+    return create_app(loaded, g, int(max_upload_mb * 1024 * 1024)), g
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ValueError(f"finealign serve needs the serve extra: pip install 'finealign[serve]' ({e})") from None
+    app, g = build(args.checkpoint, args.gallery, args.cache, args.max_upload_mb)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: reachable from other machines (no authentication)", args.host)
+    print(f"gallery: {len(g.names)} images ({'from cache' if g.from_cache else 'embedded'}); "
+          f"open http://{args.host}:{args.port}/  (API schema: /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
