@@ -29,13 +29,14 @@ def _synthetic_batch(cfg, vocab, batch, gen):
     from finealign.types import Batch
     T = cfg.model.context_length
     lengths = torch.randint(T // 2, T + 1, (batch,), generator=gen)
-    text = torch.randint(4, vocab, (batch, T), generator=gen)
+    text = torch.randint(5, vocab, (batch, T), generator=gen)          # 0-4: the tokenizer's specials
     text[:, 0] = 1
     mask = torch.arange(T)[None] < lengths[:, None]
     text = text.masked_fill(~mask, 0)
     text[torch.arange(batch), lengths - 1] = 2
     S = cfg.model.image_size
-    return Batch(images=torch.randn(batch, 3, S, S, generator=gen), text=text, text_mask=mask,
+    views2 = torch.randn(batch, 3, S, S, generator=gen) if cfg.data.views == 2 else None   # SemMIM
+    return Batch(images=torch.randn(batch, 3, S, S, generator=gen), images2=views2, text=text, text_mask=mask,
                  image_ids=torch.arange(batch), item_ids=torch.arange(batch), captions=[""] * batch,
                  keys=[""] * batch)
 
@@ -53,8 +54,14 @@ def run_finealign(recipe, preset, batch, bf16, steps, warmup, overrides=(), devi
     model = build_model(cfg.model, vocab).to(device)
     if cfg.train.compile:
         compile_blocks(model)
-    pipeline = Pipeline(model, cfg.masking)   # encode -> maskers -> heads, as the trainer runs it
     objectives = build_objectives(cfg.objectives).to(device)
+    needs = {r for o in objectives.values() for r in o.requires}
+    tokenizer = None
+    if cfg.masking.mlm or cfg.masking.sync:        # word masking reads the specials' ids (<mask> = 4)
+        from finealign.data.tokenizer import Tokenizer
+        tokenizer = Tokenizer.train(["a red heart", "two blue squares"], 300)
+    # encode -> maskers -> mixer -> heads, as the trainer builds it
+    pipeline = Pipeline(model, cfg.masking, tokenizer, needs, mixer=cfg.mixer, total_steps=10 ** 6)
     opt = build_optimizer(list(model.named_parameters()), cfg.train)
     gen = torch.Generator().manual_seed(0)
     b = _synthetic_batch(cfg, vocab, batch, gen).to(device)
@@ -66,6 +73,8 @@ def run_finealign(recipe, preset, batch, bf16, steps, warmup, overrides=(), devi
             loss = sum(o.weight * o(feats, b, ctx)["loss"] for o in objectives.values())
         loss.backward()
         opt.step()
+        if hasattr(model, "momentum_update"):      # EMA teachers, as the trainer does after each step
+            model.momentum_update()
         opt.zero_grad(set_to_none=True)
     return _time(step, steps, warmup, batch, device)
 
