@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .ablate import add_ablate_parser
     add_ablate_parser(sub)
+    from .report import add_report_parser
+    add_report_parser(sub)
 
     p = sub.add_parser("export", help="write a model as model.safetensors + config.yaml + tokenizer.json",
                        description="Export SRC (run or checkpoint dir, export, or Hugging Face CLIPModel dir) to "
@@ -381,6 +383,11 @@ def cmd_ablate(args) -> int:
     return run(args)
 
 
+def cmd_report(args) -> int:
+    from .report import cmd_report as run
+    return run(args)
+
+
 def cmd_export(args) -> int:
     from .interop.export import export
     out = export(args.checkpoint, args.out_dir, overwrite=args.force)
@@ -403,7 +410,8 @@ def cmd_recipes(args) -> int:
 
 VERBS = {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "caption": cmd_caption,
          "retrieve": cmd_retrieve, "quickstart": cmd_quickstart, "ablate": cmd_ablate, "viz": cmd_viz,
-         "recipes": cmd_recipes, "analyze": cmd_analyze, "export": cmd_export, "serve": cmd_serve}
+         "recipes": cmd_recipes, "analyze": cmd_analyze, "export": cmd_export, "serve": cmd_serve,
+         "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())
