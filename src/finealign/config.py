@@ -110,6 +110,10 @@ class DataConfig:
     epoch_batches: int = 0           # data.resample: batches per rank that make one (nominal) epoch
     augment: bool = True             # random resized crop + colour jitter for training images
     strict: bool = False             # first bad sample raises (naming file/line) instead of skip+count
+    max_image_pixels: int = 89_478_485  # larger images are skipped ("image too large") from their header,
+                                     # never decoded (decompression bombs); 0 = only PIL's own limit
+    allow_outside_root: bool = False  # csv/jsonl/coco/emoji: image paths may be absolute or leave the root
+                                     # via ".." (else such rows are skipped: "path outside root")
     seed: int = 0                    # seeds procedural sources and shuffling
 
 
@@ -199,6 +203,7 @@ class TrainConfig:
     gather_with_grad: bool = False   # ITC: all-gather features with gradient (open_clip's option)
     local_loss: bool = False         # ITC: each rank scores only its own rows against all (needs gather_with_grad)
     dist_timeout: float = 600.0      # seconds a collective may wait before the run fails (a dead rank)
+    skip_nonfinite: int = 0          # non-finite loss / gradient: skip up to N batches (no optimizer step), then stop
 
 
 @dataclass
@@ -247,8 +252,8 @@ class Config:
 
 def _load_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:   # safe_load: a !!python tag is refused, not run
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if data is None:
         return {}
@@ -312,7 +317,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier one")
-        node[parts[-1]] = yaml.safe_load(val) if val != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(val) if val != "" else ""
+        except yaml.YAMLError as e:   # e.g. a !!python tag: refused, nothing constructed
+            raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
     return out
 
 

@@ -1,4 +1,8 @@
-"""Bad input is skipped and counted per reason (with example keys), or raised under ``strict``."""
+"""Bad input is skipped and counted per reason (with example keys), or raised under ``strict``.
+
+Inputs that were fixed rather than dropped (a caption cut to length, control characters removed)
+are counted separately with ``note`` (never raised, also under ``strict``): ``notes`` /
+``note_samples``, in ``summary()`` and in ``to_dict()["fixed"]``."""
 from __future__ import annotations
 
 from collections import Counter
@@ -14,6 +18,15 @@ class SkipLog:
         self.examples = examples
         self.counts: Counter[str] = Counter()
         self.samples: dict[str, list[str]] = {}
+        self.notes: Counter[str] = Counter()
+        self.note_samples: dict[str, list[str]] = {}
+
+    def note(self, what: str, where: str) -> None:
+        """Record one input that was fixed and kept (not a skip; never raises)."""
+        self.notes[what] += 1
+        ex = self.note_samples.setdefault(what, [])
+        if len(ex) < self.examples:
+            ex.append(where)
 
     def skip(self, reason: str, where: str) -> None:
         """Record one skipped sample. ``where`` is 'file:line', a path or a shard member."""
@@ -28,6 +41,10 @@ class SkipLog:
         pairs = other if isinstance(other, list) else [
             (r, w) for r, ws in other.samples.items() for w in ws]
         if isinstance(other, SkipLog):  # counts may exceed kept examples
+            for r, n in other.notes.items():
+                self.notes[r] += n
+                ex = self.note_samples.setdefault(r, [])
+                ex.extend(w for w in other.note_samples.get(r, []) if len(ex) < self.examples)
             for r, n in other.counts.items():
                 self.counts[r] += n
                 ex = self.samples.setdefault(r, [])
@@ -44,12 +61,17 @@ class SkipLog:
         return sum(self.counts.values())
 
     def summary(self) -> str:
-        if not self.counts:
-            return "no samples skipped"
-        lines = [f"skipped {self.total} sample(s):"]
+        lines = [f"skipped {self.total} sample(s):"] if self.counts else ["no samples skipped"]
         for reason, n in self.counts.most_common():
             lines.append(f"  {n:6d}  {reason}  e.g. {', '.join(self.samples.get(reason, []))}")
+        if self.notes:
+            lines.append(f"fixed {sum(self.notes.values())} input(s) (kept):")
+        for what, n in self.notes.most_common():
+            lines.append(f"  {n:6d}  {what}  e.g. {', '.join(self.note_samples.get(what, []))}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"total": self.total, "counts": dict(self.counts), "examples": self.samples}
+        out = {"total": self.total, "counts": dict(self.counts), "examples": self.samples}
+        if self.notes:
+            out["fixed"] = {"counts": dict(self.notes), "examples": self.note_samples}
+        return out

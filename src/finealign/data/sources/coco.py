@@ -12,7 +12,10 @@ names are tried under root (``annotations/captions_val2014.json``, ``dataset_coc
 ``cfg.root`` that is itself a JSON file is used for every split. Each image becomes one Sample
 with all its captions; ``image_id`` is the index within the split, ``item_id`` the same.
 Skips ("file:images[i]" / "file:annotations[i]"): "bad image entry", "bad annotation",
-"unknown image id", "empty caption".
+"unknown image id", "empty caption", "path outside root" (a file name that is absolute or leaves
+``data.root``, the JSON's directory and the image directories via ``..``, unless
+``data.allow_outside_root``). Captions are cleaned as in ``untrusted.clean_caption`` (fixes
+counted as notes). A file that is not UTF-8 JSON raises ``SourceFormatError`` naming it.
 
 Regions (COCO captions format only): if an instances JSON sits beside the captions file under the
 matching name (``captions_X.json`` -> ``instances_X.json``, e.g. ``captions_train2017.json`` ->
@@ -38,7 +41,8 @@ from ...registry import SOURCES
 from ...types import Region, Sample
 from ..skips import SkipLog
 from .common import (LazyImage, SourceFormatError, clean_text, image_candidates,
-                     resolve_split_file, split_name)
+                     resolve_split_file, source_roots, split_name)
+from .untrusted import clean_caption, note_all
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
@@ -95,13 +99,18 @@ def _instance_box(bbox: Any) -> tuple[float, float, float, float]:
     return (x, y, x + w, y + h)
 
 
-def read_instances(path: Path, image_ids: set, skips: SkipLog) -> dict[Any, list[Region]]:
-    """COCO instances JSON -> regions per image id (annotation order); bad entries are skipped."""
+def load_json(path: Path) -> Any:
+    """Parse a JSON file; not UTF-8, not JSON or absurdly nested -> ``SourceFormatError`` naming it."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SourceFormatError(f"{path}: invalid JSON ({e})") from None
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise SourceFormatError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
+
+
+def read_instances(path: Path, image_ids: set, skips: SkipLog) -> dict[Any, list[Region]]:
+    """COCO instances JSON -> regions per image id (annotation order); bad entries are skipped."""
+    data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise SourceFormatError(f"{path}: not a COCO instances JSON (no 'annotations' list)")
     names: dict[Any, str] = {}
@@ -130,13 +139,21 @@ def read_instances(path: Path, image_ids: set, skips: SkipLog) -> dict[Any, list
     return out
 
 
-def read_coco(path: Path, data: dict, root: Path | None, split: str, skips: SkipLog) -> list[Sample]:
+def read_coco(path: Path, data: dict, root: Path | None, split: str, skips: SkipLog,
+              cfg: DataConfig | None = None) -> list[Sample]:
     """COCO captions format -> one Sample per image that has at least one caption."""
+    cfg = cfg if cfg is not None else DataConfig(root=str(root or path.parent))
     extra = _image_dirs(root, path, split)
+    roots = source_roots(cfg, root, path.parent, *extra)
     images: dict[Any, dict] = {}
     order: list[Any] = []
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            skips.skip("bad image entry", f"{path}:images[{i}]")
+            continue
+        try:
+            hash(im["id"])
+        except TypeError:        # a list / dict id cannot key anything
             skips.skip("bad image entry", f"{path}:images[{i}]")
             continue
         if im["id"] not in images:
@@ -148,13 +165,19 @@ def read_coco(path: Path, data: dict, root: Path | None, split: str, skips: Skip
         if not isinstance(ann, dict) or "image_id" not in ann:
             skips.skip("bad annotation", where)
             continue
-        if ann["image_id"] not in caps:
+        try:
+            known = ann["image_id"] in caps
+        except TypeError:        # unhashable image id
+            skips.skip("bad annotation", where)
+            continue
+        if not known:
             skips.skip("unknown image id", where)
             continue
-        c = clean_text(ann.get("caption")) if isinstance(ann.get("caption"), str) else ""
+        c, notes = clean_caption(ann["caption"]) if isinstance(ann.get("caption"), str) else ("", [])
         if not c:
             skips.skip("empty caption", where)
             continue
+        note_all(skips, notes, where)
         caps[ann["image_id"]].append(c)
     inst = instances_path(path)
     regions = read_instances(inst, set(order), skips) if inst is not None else {}
@@ -166,19 +189,25 @@ def read_coco(path: Path, data: dict, root: Path | None, split: str, skips: Skip
         fn = images[iid]["file_name"]
         # root first, then root/<split><year>/, then next to the JSON
         bases = [d for d in ([root] if root else []) + extra]
-        cands = image_candidates(fn, None, None, bases + [path.parent])
+        cands = image_candidates(fn, None, None, bases + [path.parent], roots=roots)
+        if not cands:
+            skips.skip("path outside root", f"{path}:images[{i}]")
+            continue
         n = len(out)
-        out.append(Sample(key=cands[0], load_image=LazyImage(*cands), captions=caps[iid],
+        out.append(Sample(key=cands[0], load_image=LazyImage(*cands, max_pixels=cfg.max_image_pixels),
+                          captions=caps[iid],
                           image_id=n, item_id=n, regions=regions.get(iid, []),
                           source=f"{path}:images[{i}]"))
     return out
 
 
 def read_karpathy(path: Path, data: dict, root: Path | None, split: str,
-                  skips: SkipLog) -> list[Sample]:
+                  skips: SkipLog, cfg: DataConfig | None = None) -> list[Sample]:
     """Karpathy split JSON -> Samples of the selected split (train = train + restval)."""
+    cfg = cfg if cfg is not None else DataConfig(root=str(root or path.parent))
     wanted = KARPATHY_SPLITS.get(split, (split,))
     bases = [b for b in (root, path.parent) if b is not None]
+    roots = source_roots(cfg, *bases)
     out: list[Sample] = []
     for i, im in enumerate(data["images"]):
         where = f"{path}:images[{i}]"
@@ -187,24 +216,34 @@ def read_karpathy(path: Path, data: dict, root: Path | None, split: str,
             continue
         if im.get("split") not in wanted:
             continue
-        caps = []
-        for s in im.get("sentences") or []:
+        caps, notes = [], set()
+        sents = im.get("sentences")
+        for s in sents if isinstance(sents, list) else []:
             if isinstance(s, dict):
                 raw = s.get("raw")
                 if not isinstance(raw, str) and isinstance(s.get("tokens"), list):
                     raw = " ".join(map(str, s["tokens"]))
-                c = clean_text(raw) if isinstance(raw, str) else ""
+                c, ns = clean_caption(raw) if isinstance(raw, str) else ("", [])
                 if c:
                     caps.append(c)
+                    notes.update(ns)
         if not caps:
             skips.skip("empty caption", where)
             continue
-        rel = str(Path(im.get("filepath") or "") / im["filename"])
-        cands = image_candidates(rel, None, None, bases)
-        if im.get("filepath"):
-            cands = tuple(dict.fromkeys(cands + image_candidates(im["filename"], None, None, bases)))
+        fp = im.get("filepath")
+        fp = fp if isinstance(fp, str) else ""
+        rel = str(Path(fp) / im["filename"])
+        cands = image_candidates(rel, None, None, bases, roots=roots)
+        if not cands:             # filepath/filename leaves the roots: no fallback to the bare name
+            skips.skip("path outside root", where)
+            continue
+        if fp:
+            cands = tuple(dict.fromkeys(cands + image_candidates(im["filename"], None, None, bases,
+                                                                 roots=roots)))
+        note_all(skips, sorted(notes), where)
         n = len(out)
-        out.append(Sample(key=cands[0], load_image=LazyImage(*cands), captions=caps,
+        out.append(Sample(key=cands[0], load_image=LazyImage(*cands, max_pixels=cfg.max_image_pixels),
+                          captions=caps,
                           image_id=n, item_id=n, source=where))
     return out
 
@@ -215,11 +254,7 @@ def build_coco(cfg: DataConfig, split: str, skips: SkipLog) -> list[Sample]:
     name = split_name(cfg, split)  # a split value passed in (cfg.test) maps back to "test"
     path = resolve_split_file(cfg, split, (".json",), extra_names=_candidate_files(name),
                               root_file_ok=True)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SourceFormatError(f"{path}: invalid JSON ({e})") from None
+    data = load_json(path)
     try:
         fmt = detect_format(data)
     except SourceFormatError as e:
@@ -227,5 +262,5 @@ def build_coco(cfg: DataConfig, split: str, skips: SkipLog) -> list[Sample]:
     root = Path(cfg.root).expanduser() if cfg.root else None
     root = root if root is not None and root.is_dir() else path.parent
     if fmt == "karpathy":
-        return read_karpathy(path, data, root, name, skips)
-    return read_coco(path, data, root, name, skips)
+        return read_karpathy(path, data, root, name, skips, cfg)
+    return read_coco(path, data, root, name, skips, cfg)

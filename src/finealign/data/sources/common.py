@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -29,6 +30,9 @@ from ...config import DataConfig
 from ...types import Region, Sample
 from ..skips import BadSampleError
 from ..transforms import accepts_boxes, to_rgb
+from .untrusted import clean_caption, keep_inside
+
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485   # PIL's own warning threshold (~ 9459 x 9459); data.max_image_pixels
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -123,12 +127,14 @@ def resolve_split_file(cfg: DataConfig, split: str, suffixes: Sequence[str],
 
 
 def image_candidates(path: str, data_file: Path | None, root: Path | None,
-                     extra_dirs: Iterable[Path] = ()) -> tuple[str, ...]:
+                     extra_dirs: Iterable[Path] = (), roots: Iterable[Path] | None = None
+                     ) -> tuple[str, ...]:
     """Where a path written in a data file may live: absolute as is; relative paths against
-    the data file's directory, then ``root``, then ``extra_dirs``, then the working directory."""
+    the data file's directory, then ``root``, then ``extra_dirs``, then the working directory.
+    With ``roots``, only candidates inside them are kept (empty: the path leaves every root)."""
     p = Path(path).expanduser()
     if p.is_absolute():
-        return (str(p),)
+        return keep_inside((str(p),), roots)
     bases: list[Path] = []
     if data_file is not None:
         bases.append(data_file.parent)
@@ -136,16 +142,31 @@ def image_candidates(path: str, data_file: Path | None, root: Path | None,
         bases.append(root)
     bases += list(extra_dirs)
     out = [str(b / p) for b in bases] + [str(p)]
-    return tuple(dict.fromkeys(out))
+    return keep_inside(tuple(dict.fromkeys(out)), roots)
 
 
 # ---------------------------------------------------------------------------- lazy images
 
-def open_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Decode an encoded image fully (``load``) and convert it to RGB."""
+def open_image_bytes(data: bytes, name: str = "<bytes>",
+                     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an encoded image fully (``load``) and convert it to RGB.
+
+    An image with more than ``max_pixels`` pixels (0 = no own limit) raises
+    ``Image.DecompressionBombError`` from its header, before any pixel is decoded. PIL's process-wide
+    limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``, ~179 M pixels) applies on top."""
     if len(data) == 0:
         raise EmptyImageError(f"{name}: empty file")
-    img = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():   # PIL's warning band (1-2x its limit): our own check decides
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise Image.DecompressionBombError(f"{name}: {e} (PIL's process-wide limit; "
+                                               f"data.max_image_pixels = {max_pixels})") from None
+    w, h = img.size
+    if max_pixels and w * h > max_pixels:
+        raise Image.DecompressionBombError(
+            f"{name}: {w}x{h} = {w * h} pixels exceeds data.max_image_pixels = {max_pixels}")
     img.load()
     return to_rgb(img)
 
@@ -157,12 +178,13 @@ class LazyImage:
     PIL error (corrupt / truncated / decompression bomb). Picklable (DataLoader workers).
     """
 
-    __slots__ = ("candidates",)
+    __slots__ = ("candidates", "max_pixels")
 
-    def __init__(self, *candidates: str):
+    def __init__(self, *candidates: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         if not candidates:
             raise ValueError("LazyImage needs at least one path")
         self.candidates = tuple(str(c) for c in candidates)
+        self.max_pixels = int(max_pixels)
 
     @property
     def path(self) -> str:
@@ -178,13 +200,13 @@ class LazyImage:
             raise FileNotFoundError(f"image not found: {path}")
         with open(path, "rb") as f:   # read fully: no file handle outlives the call
             data = f.read()
-        return open_image_bytes(data, path)
+        return open_image_bytes(data, path, self.max_pixels)
 
     def __getstate__(self):
-        return self.candidates
+        return (self.candidates, self.max_pixels)
 
     def __setstate__(self, state):
-        self.candidates = state
+        self.candidates, self.max_pixels = state
 
     def __repr__(self) -> str:
         return f"LazyImage({self.candidates[0]!r})"
@@ -193,20 +215,21 @@ class LazyImage:
 class BytesImage:
     """``Sample.load_image`` for encoded bytes held in memory (webdataset members)."""
 
-    __slots__ = ("data", "name")
+    __slots__ = ("data", "name", "max_pixels")
 
-    def __init__(self, data: bytes, name: str = "<bytes>"):
+    def __init__(self, data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.data = data
         self.name = name
+        self.max_pixels = int(max_pixels)
 
     def __call__(self) -> Image.Image:
-        return open_image_bytes(self.data, self.name)
+        return open_image_bytes(self.data, self.name, self.max_pixels)
 
     def __getstate__(self):
-        return (self.data, self.name)
+        return (self.data, self.name, self.max_pixels)
 
     def __setstate__(self, state):
-        self.data, self.name = state
+        self.data, self.name, self.max_pixels = state
 
     def __repr__(self) -> str:
         return f"BytesImage({self.name!r}, {len(self.data)} bytes)"
@@ -215,8 +238,21 @@ class BytesImage:
 # ---------------------------------------------------------------------------- rows -> samples
 
 def clean_text(x: Any) -> str:
-    """Caption normalisation done by every source: str, whitespace collapsed."""
-    return " ".join(str(x).split()) if x is not None else ""
+    """Caption normalisation done by every source: str, control characters removed, whitespace
+    collapsed, cut to ``MAX_CAPTION_CHARS`` (``untrusted.clean_caption``, which also says what it fixed)."""
+    return clean_caption(x)[0]
+
+
+def source_roots(cfg: DataConfig, *dirs: Path | None) -> list[Path] | None:
+    """Directories image paths of a data file may resolve into: ``dirs`` (data file's directory,
+    image directories) plus ``data.root``; None (no restriction) under ``data.allow_outside_root``."""
+    if getattr(cfg, "allow_outside_root", False):
+        return None
+    out = [d for d in dirs if d is not None]
+    r = root_dir(cfg)
+    if r is not None:
+        out.append(r)
+    return out
 
 
 def parse_box(box: Any) -> tuple[float, float, float, float]:
@@ -309,7 +345,7 @@ def load_item(sample: Sample, caption: str, transform, rng: random.Random | None
               strict: bool = False) -> dict | Skipped:
     """Load, convert and transform one (image, caption) pair; failures -> ``Skipped``
     (or ``BadSampleError`` naming key and source when ``strict``)."""
-    caption = " ".join(caption.split()) if isinstance(caption, str) else ""
+    caption = clean_text(caption) if isinstance(caption, str) else ""
     try:
         if not caption:
             raise _EmptyCaption()

@@ -10,7 +10,11 @@ The split value (``cfg.train`` etc.) is a file: absolute, relative to ``cfg.root
 
 Rows sharing the same image path become one ``Sample`` with several captions (retrieval with
 5 captions per image); ``image_id`` is the index of the unique image. Malformed rows are reported
-as ``skips.skip(reason, "file:line")``: "wrong field count", "empty caption", "empty image path".
+as ``skips.skip(reason, "file:line")``: "wrong field count", "empty caption", "empty image path",
+"invalid utf-8" (the row's bytes), "path outside root" (absolute / ``..`` image path leaving the
+table's directory and ``data.root``, unless ``data.allow_outside_root``); captions are cleaned as in
+``untrusted.clean_caption`` (fixes counted as notes). A NUL byte or an unterminated quote that the
+``csv`` module rejects raises ``SourceFormatError`` naming file and line.
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ from pathlib import Path
 from ...config import DataConfig
 from ...registry import SOURCES
 from ..skips import SkipLog
-from .common import (LazyImage, SampleGrouper, SourceFormatError, clean_text, image_candidates,
-                     missing_column_error, resolve_split_file, root_dir)
+from .common import (LazyImage, SampleGrouper, SourceFormatError, image_candidates,
+                     missing_column_error, resolve_split_file, root_dir, source_roots)
+from .untrusted import clean_caption, has_bad_bytes, note_all
 from ...types import Sample
 
 _FIELD_LIMIT_SET = False
@@ -46,48 +51,66 @@ def read_table(path: Path, cfg: DataConfig, delimiter: str, quoting: int,
                skips: SkipLog) -> list[Sample]:
     """Parse one csv/tsv file into unique-image Samples (several captions per image)."""
     _raise_field_limit()
+    roots = source_roots(cfg, path.parent)
     rdir = root_dir(cfg)
-    grouper = SampleGrouper()
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        header = None
-        for row in reader:
-            if row and any(c.strip() for c in row):
-                header = [c.strip() for c in row]
-                break
-        if header is None:
-            raise SourceFormatError(f"{path}: empty file (expected a header line with columns "
-                                    f"{cfg.image_key!r} and {cfg.caption_key!r})")
-        cols = {}
-        for name in (cfg.image_key, cfg.caption_key):
-            if name not in header:
-                hint = ""
-                if len(header) == 1 and len(header[0]) > len(name):
-                    hint = f" (is the delimiter {delimiter!r} right? set data.separator)"
-                err = missing_column_error(path, name, header)
-                raise SourceFormatError(str(err) + hint)
-            cols[name] = header.index(name)
-        i_img, i_cap = cols[cfg.image_key], cols[cfg.caption_key]
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if not row or not any(c.strip() for c in row):
-                continue  # blank line
-            if len(row) != len(header):
-                skips.skip("wrong field count", where)
-                continue
-            img, cap = row[i_img].strip(), clean_text(row[i_cap])
-            if not img:
-                skips.skip("empty image path", where)
-                continue
-            if not cap:
-                skips.skip("empty caption", where)
-                continue
-            cands = image_candidates(img, path, rdir)
-            grouper.add(img, LazyImage(*cands), [cap], source=where)
+        try:
+            grouper = _read_rows(path, cfg, reader, delimiter, skips, roots, rdir)
+        except csv.Error as e:   # NUL byte, unterminated quote at EOF: the file itself is broken
+            raise SourceFormatError(f"{path}:{reader.line_num}: malformed table ({e})") from None
     # the key is the resolved primary path so that skip reports point at a real file
     for s in grouper.samples:
         s.key = s.load_image.candidates[0]
     return grouper.samples
+
+
+def _read_rows(path: Path, cfg: DataConfig, reader, delimiter: str, skips: SkipLog, roots,
+               rdir) -> SampleGrouper:
+    """Header + rows of one table -> grouped Samples (bad rows skipped as file:line)."""
+    grouper = SampleGrouper()
+    header = None
+    for row in reader:
+        if row and any(c.strip() for c in row):
+            header = [c.strip() for c in row]
+            break
+    if header is None:
+        raise SourceFormatError(f"{path}: empty file (expected a header line with columns "
+                                f"{cfg.image_key!r} and {cfg.caption_key!r})")
+    cols = {}
+    for name in (cfg.image_key, cfg.caption_key):
+        if name not in header:
+            hint = ""
+            if len(header) == 1 and len(header[0]) > len(name):
+                hint = f" (is the delimiter {delimiter!r} right? set data.separator)"
+            err = missing_column_error(path, name, header)
+            raise SourceFormatError(str(err) + hint)
+        cols[name] = header.index(name)
+    i_img, i_cap = cols[cfg.image_key], cols[cfg.caption_key]
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if not row or not any(c.strip() for c in row):
+            continue  # blank line
+        if len(row) != len(header):
+            skips.skip("wrong field count", where)
+            continue
+        if any(has_bad_bytes(c) for c in row):
+            skips.skip("invalid utf-8", where)
+            continue
+        img, (cap, notes) = row[i_img].strip(), clean_caption(row[i_cap])
+        if not img:
+            skips.skip("empty image path", where)
+            continue
+        if not cap:
+            skips.skip("empty caption", where)
+            continue
+        cands = image_candidates(img, path, rdir, roots=roots)
+        if not cands:
+            skips.skip("path outside root", where)
+            continue
+        note_all(skips, notes, where)
+        grouper.add(img, LazyImage(*cands, max_pixels=cfg.max_image_pixels), [cap], source=where)
+    return grouper
 
 
 def _build(cfg: DataConfig, split: str, skips: SkipLog, default_sep: str,

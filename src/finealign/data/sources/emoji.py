@@ -53,6 +53,7 @@ from ...config import DataConfig
 from ...registry import SOURCES
 from ...types import Sample
 from ..skips import SkipLog
+from .untrusted import clean_caption, has_bad_bytes, inside, note_all
 
 DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 FONT_PIXELS = 109                      # the only size the CBDT bitmap strikes come in
@@ -418,12 +419,15 @@ def _open_rgb(path: str) -> Image.Image:
 class EmojiJsonl(Sequence[Sample]):
     """Rows of one split file, parsed eagerly (a few thousand lines), images loaded lazily."""
 
-    def __init__(self, path: Path, skips: SkipLog):
+    def __init__(self, path: Path, skips: SkipLog, allow_outside_root: bool = False):
         self.path = path
+        self.allow_outside_root = allow_outside_root
         self.samples: list[Sample] = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for lineno, line in enumerate(f, 1):
-                if line.strip():
+                if has_bad_bytes(line):
+                    skips.skip("invalid utf-8", f"{path}:{lineno}")
+                elif line.strip():
                     self._add(line, f"{path}:{lineno}", skips)
 
     def _add(self, line: str, where: str, skips: SkipLog) -> None:
@@ -431,6 +435,8 @@ class EmojiJsonl(Sequence[Sample]):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             return skips.skip(f"malformed jsonl row: invalid JSON ({e.msg})", where)
+        except RecursionError:
+            return skips.skip("malformed jsonl row: invalid JSON (nested too deeply)", where)
         if not isinstance(row, dict):
             return skips.skip("malformed jsonl row: not a JSON object", where)
         image, caption, item_id = row.get("image"), row.get("caption"), row.get("item_id", -1)
@@ -440,13 +446,17 @@ class EmojiJsonl(Sequence[Sample]):
             return skips.skip("malformed jsonl row: missing 'caption'", where)
         if not isinstance(item_id, int) or isinstance(item_id, bool):
             return skips.skip("malformed jsonl row: 'item_id' is not an integer", where)
-        if not caption.strip():
+        caption, notes = clean_caption(caption)
+        if not caption:
             return skips.skip("empty caption", where)
         img = str(self.path.parent / image)
+        if not self.allow_outside_root and not inside(img, [self.path.parent]):
+            return skips.skip("path outside root", where)
+        note_all(skips, notes, where)
         # format 2 rows: category = Unicode group, subcategory = subgroup; older rows: their "category"
         category = row.get("group") if "group" in row else row.get("category")
         self.samples.append(Sample(
-            key=img, load_image=partial(_open_rgb, img), captions=[caption.strip()],
+            key=img, load_image=partial(_open_rgb, img), captions=[caption],
             image_id=len(self.samples), item_id=item_id, label=_opt_str(row.get("label")),
             category=_opt_str(category), subcategory=_opt_str(row.get("subgroup")), source=where))
 
@@ -467,4 +477,4 @@ def build(cfg: DataConfig, split: str, skips: SkipLog) -> EmojiJsonl:
     if not path.is_file():
         raise FileNotFoundError(f"emoji dataset not found at {root} (no {path.name}); "
                                 f"run `finealign data build emoji --out {root}`")
-    return EmojiJsonl(path, skips)
+    return EmojiJsonl(path, skips, allow_outside_root=cfg.allow_outside_root)

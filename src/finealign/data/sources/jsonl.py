@@ -14,7 +14,10 @@ names one with ``"image": index``. Lines that name the same image path are merge
 integers in first-seen order (lines without one get a fresh id).
 
 Bad lines are reported via ``skips.skip(reason, "file:line")``: "malformed json", "not an object",
-"missing image", "missing caption", "empty caption", "bad region".
+"missing image", "missing caption", "empty caption", "bad region", "invalid utf-8" (the line's bytes),
+"path outside root" (an image path that is absolute or leaves the file's directory and ``data.root``
+via ``..``, unless ``data.allow_outside_root``). Captions are cleaned as in
+``untrusted.clean_caption`` (fixes counted as notes).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from ...registry import SOURCES
 from ...types import Region, Sample
 from ..skips import SkipLog
 from .common import (LazyImage, SampleGrouper, clean_text, image_candidates, parse_box,
-                     resolve_split_file, root_dir)
+                     resolve_split_file, root_dir, source_roots)
+from .untrusted import clean_caption, has_bad_bytes, note_all
 
 
 class _BadLine(ValueError):
@@ -54,18 +58,18 @@ def _image_paths(obj: dict, cfg: DataConfig) -> list[str]:
     return [p.strip() for p in paths]
 
 
-def _captions(obj: dict, cfg: DataConfig) -> list[str]:
+def _captions(obj: dict, cfg: DataConfig) -> tuple[list[str], list[str]]:
     val = _first_key(obj, tuple(dict.fromkeys((cfg.caption_key, "caption", "captions", "text"))))
     if val is None:
         raise _BadLine("missing caption")
     vals = val if isinstance(val, list) else [val]
     if not all(isinstance(c, str) for c in vals):
         raise _BadLine("missing caption")
-    caps = [clean_text(c) for c in vals]
-    caps = [c for c in caps if c]
+    cleaned = [clean_caption(c) for c in vals]
+    caps = [c for c, _ in cleaned if c]
     if not caps:
         raise _BadLine("empty caption")
-    return caps
+    return caps, sorted({n for _, ns in cleaned for n in ns})
 
 
 def _regions(obj: dict, n_images: int) -> list[list[Region]]:
@@ -102,17 +106,21 @@ def _opt_str(x: Any) -> str | None:
 def read_jsonl(path: Path, cfg: DataConfig, skips: SkipLog) -> list[Sample]:
     """Parse one JSONL file into unique-image Samples."""
     rdir = root_dir(cfg)
+    roots = source_roots(cfg, path.parent)
     grouper = SampleGrouper()
     item_ids: dict[str, int] = {}
     next_item = 0
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
+            if has_bad_bytes(line):
+                skips.skip("invalid utf-8", where)
+                continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):   # RecursionError: absurdly deep nesting
                 skips.skip("malformed json", where)
                 continue
             if not isinstance(obj, dict):
@@ -120,11 +128,15 @@ def read_jsonl(path: Path, cfg: DataConfig, skips: SkipLog) -> list[Sample]:
                 continue
             try:
                 paths = _image_paths(obj, cfg)
-                caps = _captions(obj, cfg)
+                caps, notes = _captions(obj, cfg)
                 regions = _regions(obj, len(paths))
+                cands_per = [image_candidates(p, path, rdir, roots=roots) for p in paths]
+                if not all(cands_per):
+                    raise _BadLine("path outside root")
             except _BadLine as e:
                 skips.skip(e.reason, where)
                 continue
+            note_all(skips, notes, where)
             raw_item = obj.get("item_id")
             if raw_item is None:
                 item = next_item
@@ -135,9 +147,8 @@ def read_jsonl(path: Path, cfg: DataConfig, skips: SkipLog) -> list[Sample]:
                     item_ids[k] = next_item
                     next_item += 1
                 item = item_ids[k]
-            for p, regs in zip(paths, regions):
-                cands = image_candidates(p, path, rdir)
-                grouper.add(cands[0], LazyImage(*cands), caps, source=where, item_id=item,
+            for cands, regs in zip(cands_per, regions):
+                grouper.add(cands[0], LazyImage(*cands, max_pixels=cfg.max_image_pixels), caps, source=where, item_id=item,
                             label=_opt_str(obj.get("label")),
                             category=_opt_str(obj.get("category")),
                             subcategory=_opt_str(obj.get("subcategory")), regions=regs)

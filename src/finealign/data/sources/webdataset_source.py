@@ -9,7 +9,12 @@ also works.
 
 ``build`` returns a ``WebDatasetSource`` (an ``IterableDataset`` of Samples, stream order,
 ``image_id`` = position in the stream). Members without an image or a caption are counted as
-"unpaired member"; unreadable shards as "corrupt shard". Every iteration reads all of its shards
+"unpaired member"; unreadable shards as "corrupt shard"; a key met twice in one shard (adjacent
+repeated members, or the key again later) as "duplicate key" (the first sample is kept); keys that
+are absolute or contain ``..`` as "unsafe member name" (never extracted: members are read in
+memory); a ``.txt`` / ``.json`` member that is not UTF-8 as "invalid utf-8", a ``.json`` member
+that is not a JSON object as "malformed json". Captions are cleaned as in
+``untrusted.clean_caption`` (fixes counted as notes in the process that reads the stream). Every iteration reads all of its shards
 (webdataset's own node / worker splitting is off): the training loader decides who reads what
 (``data/streaming.py``). ``with_shards(subset)`` gives the same source over other shards, which is
 how the loader deals shards to (rank, worker) slots (``data.shard_split``) or resamples them
@@ -33,7 +38,9 @@ from ...registry import SOURCES
 from ...types import Region, Sample
 from ..skips import SkipLog
 from ..transforms import to_rgb
-from .common import BytesImage, Skipped, clean_text, parse_box, split_value
+from .common import (DEFAULT_MAX_IMAGE_PIXELS, BytesImage, Skipped, clean_text, parse_box,
+                     split_value)
+from .untrusted import clean_caption, decode_utf8, note_all, unsafe_member_name
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -68,33 +75,54 @@ class _Handler:
     def __call__(self, exn: Exception) -> bool:
         where = " ".join(str(a) for a in getattr(exn, "args", ())[:1]) or type(exn).__name__
         reason = "missing shard" if isinstance(exn, FileNotFoundError) else "corrupt shard"
+        if "duplicate file name" in where:   # webdataset: a member name repeated within one sample
+            reason, where = "duplicate key", where.split(": duplicate")[0]
         self.errors.append(Skipped(reason, where))
         return True
 
 
+class _BadMember(ValueError):
+    pass
+
+
 def _decode_json(raw: bytes) -> dict:
+    text = decode_utf8(raw)
+    if text is None:
+        raise _BadMember("invalid utf-8")
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise _BadMember("malformed json") from None
+    if not isinstance(obj, dict):
+        raise _BadMember("malformed json")
+    return obj
 
 
-def _captions(rec: dict, meta: dict, caption_key: str) -> list[str]:
-    caps: list[str] = []
+def _captions(rec: dict, meta: dict, caption_key: str) -> tuple[list[str], set[str]]:
+    raw: list = []
     if "txt" in rec:
-        caps.append(clean_text(rec["txt"].decode("utf-8", errors="replace")))
+        text = decode_utf8(rec["txt"])
+        if text is None:
+            raise _BadMember("invalid utf-8")
+        raw.append(text)
     for k in dict.fromkeys((caption_key, "caption", "captions")):
         v = meta.get(k)
-        for c in (v if isinstance(v, list) else [v]):
-            if isinstance(c, str) and clean_text(c) and clean_text(c) not in caps:
-                caps.append(clean_text(c))
-    return [c for c in caps if c]
+        raw += v if isinstance(v, list) else [v]
+    caps: list[str] = []
+    notes: set[str] = set()
+    for c in raw:
+        if isinstance(c, str):
+            c, ns = clean_caption(c)
+            if c and c not in caps:
+                caps.append(c)
+                notes.update(ns)
+    return caps, notes
 
 
 def _regions(meta: dict) -> list[Region]:
     out = []
-    for r in meta.get("regions") or []:
+    regions = meta.get("regions")
+    for r in regions if isinstance(regions, list) else []:
         try:
             out.append(Region(box=parse_box(r.get("box")), phrase=clean_text(r.get("phrase", ""))))
         except (ValueError, AttributeError):
@@ -106,11 +134,12 @@ class WebDatasetSource(IterableDataset):
     """Iterable of Samples read from tar shards (stream order, no shuffling here)."""
 
     def __init__(self, shards: list[str], skips: SkipLog | None = None, caption_key: str = "caption",
-                 id_stride: int = 1, id_offset: int = 0):
+                 id_stride: int = 1, id_offset: int = 0, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         super().__init__()
         self.shards = list(shards)
         self.skips = skips if skips is not None else SkipLog()
         self.caption_key = caption_key
+        self.max_pixels = int(max_pixels)
         # positional ids (image_id; item_id when the json has none) are n * id_stride + id_offset, so
         # that the streams of several (rank, worker) slots never hand out the same id
         self.id_stride, self.id_offset = int(id_stride), int(id_offset)
@@ -120,7 +149,8 @@ class WebDatasetSource(IterableDataset):
 
     def with_shards(self, shards: list[str], id_stride: int = 1, id_offset: int = 0) -> "WebDatasetSource":
         """The same source (skip log, caption key) over ``shards``, positional ids strided."""
-        return WebDatasetSource(shards, self.skips, self.caption_key, id_stride, id_offset)
+        return WebDatasetSource(shards, self.skips, self.caption_key, id_stride, id_offset,
+                                self.max_pixels)
 
     def iter_with_skips(self) -> Iterator[Sample | Skipped]:
         """Samples in stream order, with ``Skipped`` markers for bad members/shards in place."""
@@ -128,20 +158,37 @@ class WebDatasetSource(IterableDataset):
         ds = wds.WebDataset(self.shards, shardshuffle=False, empty_check=False, handler=handler,
                             workersplitter=None, nodesplitter=None)
         n = 0
+        seen: set[str] = set()           # keys of the current shard (reset when the shard changes)
+        cur_url = None
         for rec in ds:
             while handler.errors:
                 yield handler.errors.pop(0)
-            key = rec.get("__key__", "?")
-            where = f"{rec.get('__url__', '?')}:{key}"
+            key, url = str(rec.get("__key__", "?")), str(rec.get("__url__", "?"))
+            where = f"{url}:{key}"
+            if unsafe_member_name(key):
+                yield Skipped("unsafe member name", where)
+                continue
+            if url != cur_url:
+                seen, cur_url = set(), url
+            if key in seen:
+                yield Skipped("duplicate key", where)
+                continue
+            seen.add(key)
             img_ext = next((e for e in IMAGE_EXTS if e in rec), None)
-            meta = _decode_json(rec["json"]) if "json" in rec else {}
-            caps = _captions(rec, meta, self.caption_key)
+            try:
+                meta = _decode_json(rec["json"]) if "json" in rec else {}
+                caps, notes = _captions(rec, meta, self.caption_key)
+            except _BadMember as e:
+                yield Skipped(str(e), where)
+                continue
             if img_ext is None or not caps:
                 has_text = "txt" in rec or "json" in rec
                 yield Skipped("empty caption" if img_ext and has_text else "unpaired member", where)
                 continue
+            note_all(self.skips, sorted(notes), where)
             item, pos = meta.get("item_id"), n * self.id_stride + self.id_offset
-            yield Sample(key=where, load_image=BytesImage(rec[img_ext], where), captions=caps,
+            yield Sample(key=where, load_image=BytesImage(rec[img_ext], where, self.max_pixels),
+                         captions=caps,
                          image_id=pos, item_id=int(item) if isinstance(item, int) else pos,
                          label=None if meta.get("label") is None else str(meta["label"]),
                          category=None if meta.get("category") is None else str(meta["category"]),
@@ -170,7 +217,8 @@ def build_webdataset(cfg: DataConfig, split: str, skips: SkipLog) -> WebDatasetS
             present.append(s)
         else:
             skips.skip("missing shard", s)
-    return WebDatasetSource(present, skips, caption_key=cfg.caption_key)
+    return WebDatasetSource(present, skips, caption_key=cfg.caption_key,
+                            max_pixels=cfg.max_image_pixels)
 
 
 def write_shards(samples: Iterable[Sample], pattern: str, maxcount: int = 1000,
