@@ -18,6 +18,7 @@ from finealign.data.skips import SkipLog
 from finealign.data.transforms import ImageTransform
 from finealign.eval.runner import embed_texts
 from finealign.report import NotARunDir, build_report
+from finealign.report.html import fmt
 from finealign.report.model_views import GREEN, GREY, RED, TOP, tile_box
 
 # shrunken model + 64 procedural shapes: each run trains 3 steps in a few seconds
@@ -126,7 +127,7 @@ def test_single_run_report_has_curves_evals_captions_masks(sycoca_report):
     assert "learning rate" in alts and "samples / s" in alts
     res = json.loads((run / "eval_test.json").read_text())
     ev = page.sections["evaluation"]
-    assert "eval_test.json" in ev and f"{res['retrieval']['t2i_r1']:.2f}" in ev
+    assert "eval_test.json" in ev and fmt(res["retrieval"]["t2i_r1"]) in ev
     caps = [a for t, a in page.tags if t == "figure"]
     assert len(caps) == 5
     assert page.sections["caption-samples"].count("generated:") == 5
@@ -190,7 +191,9 @@ def test_ablation_directory_renders_table_and_bars(study, tmp_path):
     cell = results["rows"][0]["metrics"]["t2i_r1"]
     assert f"{cell['mean']:.1f} ± {cell['std']:.1f}" in text
     assert any(x["alt"].startswith("ablation metrics") for x in page.imgs)
-    assert "a_sycoca/seed0" in page.sections["runs-of-study-compared"]
+    assert "runs-of-study-compared" in page.sections
+    assert [a["alt"] for a in page.imgs if a["alt"].startswith("training curves of")] == [
+        "training curves of a_sycoca/seed0, b_timix/seed0"]
 
 
 def test_run_without_checkpoints_gets_curves_and_cli_eval(study, tmp_path, capsys):
@@ -214,6 +217,29 @@ def test_run_without_checkpoints_gets_curves_and_cli_eval(study, tmp_path, capsy
     res = json.loads((run / "eval_test_report.json").read_text())
     assert res["report_eval"]["max_images"] == 16
     assert "eval_test_report.json" in parse(tmp_path / "e.html").sections["evaluation"]
+
+
+def test_modality_gap_and_ablation_with_moved_runs(study, tmp_path):
+    run = tmp_path / "timix"
+    shutil.copytree(run_dir(study, "b_timix"), run)
+    assert main(["analyze", "gap", str(run), "--max-images", "16", "-k", "2", "--no-progress"]) == 0
+    gap = json.loads((run / "gap" / "gap.json").read_text())
+    page = parse(build_report([run], tmp_path / "gap.html", num=2, progress=False))
+    assert fmt(gap["suggested_noise_var"]) in page.sections["modality-gap"]
+    assert sorted(a["alt"] for a in page.imgs if a["alt"].startswith("modality gap")) == [
+        "modality gap: hist", "modality gap: qq", "modality gap: subregions"]
+    # an ablation directory whose runs are gone still renders its table, and says what it could not find
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(study / "table.md", moved / "table.md")
+    res = json.loads((study / "results.json").read_text())
+    for r in res["runs"]:
+        r["run_dir"] = f"elsewhere/{r['recipe']}/seed0"
+    (moved / "results.json").write_text(json.dumps(res))
+    page = parse(build_report([moved], tmp_path / "moved.html", progress=False))
+    text = page.sections["ablation-study-moved"]
+    assert "2 run directories of results.json not found" in text and "elsewhere/a_sycoca/seed0" in text
+    assert "runs-of-moved-compared" not in page.sections
 
 
 def test_not_a_run_dir_is_a_clear_error(study, tmp_path, capsys):

@@ -56,15 +56,15 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
             quick_eval(run, split, progress)
     top: list = []
     for ab in (i for i in inputs if isinstance(i, AblationDir)):
-        members = []
+        members, missing = [], []
         for r in ab.results["runs"]:
-            try:
-                m = open_input(r["run_dir"])
-            except (NotARunDir, KeyError, TypeError):
-                continue                                       # a run dir moved away: its table row stays
+            m = _member(ab, r)
+            if m is None:
+                missing.append(str(r.get("run_dir")))          # moved away: its table row stays
+                continue
             m.name = f"{r.get('recipe', m.name)}/seed{r.get('seed', '?')}"
             members.append(m)
-        top += S.ablation_sections(ab, assets, members)
+        top += S.ablation_sections(ab, assets, members, missing)
     if len(runs) > 1:
         top.append(S.comparison_section(runs, assets))
     columns = []
@@ -79,6 +79,20 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     meta = f"generated {when}" + (f" by `{command}`" if command else "") + f"; PNGs in {assets.name}/"
     out.write_text(render(title, meta, top, columns), encoding="utf-8")
     return out
+
+
+def _member(ab: AblationDir, r: dict) -> RunDir | None:
+    """A run of an ablation: at its layout place OUT/RECIPE/seedK, else at its recorded run_dir (which is
+    relative to where `finealign ablate` ran)."""
+    places = [ab.path / str(r.get("recipe")) / f"seed{r.get('seed')}", Path(str(r.get("run_dir")))]
+    for p in places:
+        try:
+            found = open_input(p)
+        except NotARunDir:
+            continue
+        if isinstance(found, RunDir):
+            return found
+    return None
 
 
 def describe(run: RunDir) -> list[list]:

@@ -16,7 +16,7 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.9em;background:#fff}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;display:block;margin:.4em 0;image-rendering:auto}
 .runs{display:grid;gap:1.2em;align-items:start} .run{min-width:0;background:#fff;padding:.2em .8em;border:1px solid #ddd}
-.captions{display:flex;flex-wrap:wrap;gap:.8em} figure{margin:0;width:150px;font-size:.8em}
+.wide{overflow-x:auto;max-width:100%} .captions{display:flex;flex-wrap:wrap;gap:.8em} figure{margin:0;width:150px;font-size:.8em}
 figure img{width:128px;image-rendering:pixelated} .gen{color:#0a5} .ref{color:#555}
 """
 
@@ -59,8 +59,10 @@ def data_uri(path: Path) -> str:
 def fmt(v) -> str:
     if isinstance(v, bool) or v is None:
         return "–" if v is None else str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}" if abs(v) < 1e-2 and v != 0 else f"{v:.2f}"
+    if isinstance(v, float):           # 2 decimals for metrics in percent, 4 significant digits below 1
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.1f}" if abs(v) >= 1000 else f"{v:.2f}" if abs(v) >= 1 else f"{v:.4g}"
     return str(v)
 
 

@@ -82,8 +82,9 @@ def training_curves(m: Metrics, out_dir: Path, stem: str) -> list[tuple[Path, st
     return figs
 
 
-def compare_curves(runs: list[tuple[str, Metrics]], out: Path) -> Path | None:
-    """Several runs overlaid: total loss, each objective's loss, learning rate, samples/s."""
+def compare_curves(runs: list[tuple[str, Metrics]], out: Path, groups: list[str] | None = None) -> Path | None:
+    """Several runs overlaid: total loss, each objective's loss, learning rate, samples/s. ``groups``: one
+    colour and legend entry per group (an ablation's seeds of one recipe); default: one per run."""
     keys: dict[str, str] = {"train/loss": "total loss"}
     for _, m in runs:
         keys.update({f"train/{o}/loss": f"{o} loss" for o in m.objectives()})
@@ -91,16 +92,20 @@ def compare_curves(runs: list[tuple[str, Metrics]], out: Path) -> Path | None:
     keys = {k: t for k, t in keys.items() if any(m.series(k)[0] for _, m in runs)}
     if not keys:
         return None
+    groups = groups or [name for name, _ in runs]
+    colour = {g: f"C{i % 10}" for i, g in enumerate(dict.fromkeys(groups))}
     plt = _plt()
-    fig, axes = _grid(plt, len(keys))
+    fig, axes = _grid(plt, len(keys) + 1)
+    handles = {}
     for ax, (k, title) in zip(axes, keys.items()):
-        for name, m in runs:
+        for (name, m), g in zip(runs, groups):
             xs, ys = m.series(k)
             if xs:
-                ax.plot(xs, ys, label=name, lw=1.2)
+                handles[g], = ax.plot(xs, ys, lw=1.1, color=colour[g], alpha=0.85)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
-        ax.legend(fontsize=7)
+    axes[-1].axis("off")                                      # the last panel holds the one legend
+    axes[-1].legend(list(handles.values()), list(handles), loc="center", fontsize=8, frameon=False)
     return _save(fig, out, plt)
 
 

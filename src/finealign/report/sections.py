@@ -161,13 +161,16 @@ def gap_section(run: RunDir, out_dir: Path) -> Section | None:
     return sec
 
 
-def comparison_section(runs: list[RunDir], out_dir: Path, title: str = "Runs compared", stem: str = "compare"
-                       ) -> Section:
-    """Overlaid curves and one table of every run's newest evaluation."""
+def comparison_section(runs: list[RunDir], out_dir: Path, title: str = "Runs compared", stem: str = "compare",
+                       groups: list[str] | None = None) -> Section:
+    """Overlaid curves (one colour per group, default per run), then, without groups, one table of every
+    run's newest evaluation (an ablation's table already has them)."""
     sec = Section(title)
-    png = plots.compare_curves([(r.name, r.metrics) for r in runs], out_dir / f"{stem}_curves.png")
+    png = plots.compare_curves([(r.name, r.metrics) for r in runs], out_dir / f"{stem}_curves.png", groups)
     if png:
         sec.image(png, "training curves of " + ", ".join(r.name for r in runs))
+    if groups:
+        return sec
     latest = [r.evals[-1][1] if r.evals else {} for r in runs]
     keys = []
     for res in latest:
@@ -177,13 +180,14 @@ def comparison_section(runs: list[RunDir], out_dir: Path, title: str = "Runs com
                          and not isinstance(v, bool) and (task, k) not in keys]
     if keys:
         rows = [[f"{t}/{k}"] + [res.get(t, {}).get(k) for res in latest] for t, k in keys]
-        sec.html(table(["metric"] + [r.name for r in runs], rows, cls="compare"))
+        sec.html(f'<div class="wide">{table(["metric"] + [r.name for r in runs], rows, cls="compare")}</div>')
     else:
         sec.note("none of these runs has evaluation results")
     return sec
 
 
-def ablation_sections(ab: AblationDir, out_dir: Path, member_runs: list[RunDir]) -> list[Section]:
+def ablation_sections(ab: AblationDir, out_dir: Path, member_runs: list[RunDir], missing: list[str] = ()
+                      ) -> list[Section]:
     from ..ablate import METRICS
     res = ab.results
     sec = Section(f"Ablation study: {ab.name}")
@@ -196,7 +200,11 @@ def ablation_sections(ab: AblationDir, out_dir: Path, member_runs: list[RunDir])
         sec.image(png, "ablation metrics: mean ± std over seeds per recipe")
     runs = [[r.get("recipe"), r.get("seed"), r.get("wall_s"), r.get("run_dir")] for r in res["runs"]]
     sec.html(table(["recipe", "seed", "wall s", "run directory"], runs, cls="ablation-runs"))
+    if missing:
+        sec.note(f"{len(missing)} run director{'y' if len(missing) == 1 else 'ies'} of results.json not found "
+                 f"(curves not shown): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     out = [sec]
     if member_runs:
-        out.append(comparison_section(member_runs, out_dir, f"Runs of {ab.name} compared", f"{ab.name}_runs"))
+        out.append(comparison_section(member_runs, out_dir, f"Runs of {ab.name} compared", f"{ab.name}_runs",
+                                      groups=[r.name.split("/")[0] for r in member_runs]))
     return out
