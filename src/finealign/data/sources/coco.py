@@ -93,7 +93,10 @@ def _instance_box(bbox: Any) -> tuple[float, float, float, float]:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or any(
             isinstance(v, bool) or not isinstance(v, (int, float)) for v in bbox):
         raise ValueError(f"bad bbox {bbox!r}")
-    x, y, w, h = (float(v) for v in bbox)
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except OverflowError:                     # an integer beyond float range
+        raise ValueError(f"bad bbox {bbox!r}") from None
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
         raise ValueError(f"bad bbox {bbox!r}")
     return (x, y, x + w, y + h)

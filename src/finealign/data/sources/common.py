@@ -261,7 +261,10 @@ def parse_box(box: Any) -> tuple[float, float, float, float]:
         raise ValueError(f"box must be [x0, y0, x1, y1], got {box!r}")
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in box):
         raise ValueError(f"box coordinates must be numbers, got {box!r}")
-    x0, y0, x1, y1 = (float(v) for v in box)
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except OverflowError:                     # an integer beyond float range (JSON allows any)
+        raise ValueError(f"box coordinates out of range, got {box!r}") from None
     if not all(abs(v) < float("inf") for v in (x0, y0, x1, y1)) or not (x0 < x1 and y0 < y1):
         raise ValueError(f"box must satisfy x0 < x1 and y0 < y1, got {box!r}")
     return (x0, y0, x1, y1)
