@@ -24,30 +24,30 @@ stored once, the other names listed in the file's ``"aliases"`` metadata and res
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
 import uuid
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "save_checkpoint", "find_checkpoint", "load_checkpoint", "verify_checkpoint",
+__all__ = ["CheckpointError", "CheckpointWriteError", "save_checkpoint", "find_checkpoint", "load_checkpoint", "verify_checkpoint",
            "load_config_from_checkpoint", "list_checkpoints", "get_rng_state", "set_rng_state",
-           "load_weights", "read_weights"]
+           "load_weights", "read_weights", "read_state"]
 
 from .rng import get_rng_state, set_rng_state  # noqa: F401  (re-exported: part of the checkpoint API)
+from .ckpt_io import (_dedup_state_dict, _sha256, _weights_only_safe, _write_text_atomic,  # noqa: F401
+                      fsync_path)  # (_sha256, _dedup_state_dict: used by interop/export.py and serve/)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ CKPT_RE = re.compile(r"^step_(\d{8,})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Saving failed (an OSError: full disk, I/O error); the message names the checkpoint that could not be
+    written and the previous one, which is untouched."""
 
 
 # ---------------------------------------------------------------- helpers
@@ -71,86 +76,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def _weights_only_safe(obj: Any, where: str) -> Any:
-    """Copy of ``obj`` that ``torch.load(weights_only=True)`` accepts, or TypeError naming ``where``."""
-    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.Size,
-                                       torch.device)):
-        return obj
-    if isinstance(obj, Tensor):
-        return obj.detach()
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, OrderedDict):
-        return OrderedDict((k, _weights_only_safe(v, f"{where}[{k!r}]")) for k, v in obj.items())
-    if isinstance(obj, dict):
-        return {k: _weights_only_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        items = [_weights_only_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        return type(obj)(items) if type(obj) in (list, tuple, set) else list(items)
-    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
-                    f"torch.load(weights_only=True) cannot read; store plain numbers/strings/tensors/containers")
-
-
-def _dedup_state_dict(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Drop exact aliases (tied weights) and copy partial overlaps so safetensors accepts the dict."""
-    kept: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    views: dict[tuple, str] = {}
-    storages: set[int] = set()
-    for name, t in sd.items():
-        t = t.detach()
-        if t.numel() == 0:
-            kept[name] = t.cpu().contiguous()
-            continue
-        ptr = t.untyped_storage().data_ptr()
-        view = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if view in views:
-            aliases[name] = views[view]
-            continue
-        views[view] = name
-        if ptr in storages:
-            t = t.clone()              # overlaps another kept tensor's storage: store a private copy
-        storages.add(ptr)
-        t = t.cpu()
-        whole = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        kept[name] = t if whole else t.contiguous().clone()   # views of larger buffers: own copy
-    return kept, aliases
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file (errors propagate) or a directory (best effort: not possible on every OS)."""
-    is_dir = path.is_dir()
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        if not is_dir:
-            raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def _to_plain_dict(config: Any) -> dict:
@@ -199,6 +124,21 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, con
         "rng": get_rng_state(), "loader_state": loader_state, "extra": dict(extra or {}),
     }, "state")
 
+    try:
+        _write_checkpoint(ckpt_root, name, step, weights, aliases, config_text, state)
+    except OSError as e:                # ENOSPC, EIO, ...: the previous checkpoint and `latest` are intact
+        prev = [p.name for p in list_checkpoints(ckpt_root) if p.name != name]
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final}: {e}; nothing of it was kept, the previous checkpoint "
+            f"({ckpt_root / prev[-1] if prev else 'none'}) is intact and `latest` still names it") from e
+    _prune(ckpt_root, keep, protect=final)
+    return final
+
+
+def _write_checkpoint(ckpt_root: Path, name: str, step: int, weights: dict, aliases: dict, config_text: str,
+                      state: dict) -> None:
+    """Temp dir -> fsync files + dir -> rename -> fsync parent -> replace `latest` (fsynced)."""
+    final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -209,7 +149,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, con
             torch.save(state, f)
         files = {}
         for fname in FILES:
-            _fsync(tmp / fname)
+            fsync_path(tmp / fname)
             files[fname] = {"sha256": _sha256(tmp / fname), "bytes": (tmp / fname).stat().st_size}
         meta = {"format_version": FORMAT_VERSION, "step": step, "files": files,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__}
@@ -217,19 +157,21 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, con
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         if final.exists():              # re-saving a step: move the old one aside first
             old = ckpt_root / f".old-{name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync(ckpt_root)
+        fsync_path(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(ckpt_root / "latest", name + "\n")
-    _prune(ckpt_root, keep, protect=final)
-    return final
+    try:
+        _write_text_atomic(ckpt_root / "latest", name + "\n")
+    except BaseException:               # `latest` must not name a checkpoint other than a complete one:
+        shutil.rmtree(final, ignore_errors=True)    # drop the new one, the old `latest` stays valid
+        raise
 
 
 def _prune(ckpt_root: Path, keep: int, protect: Path) -> None:
@@ -396,10 +338,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     if verify and ckpt == given:       # run dirs were already verified by find_checkpoint
         verify_checkpoint(ckpt)
     state_path = ckpt / "state.pt"
-    try:
-        state = torch.load(state_path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{state_path} is corrupt or unreadable: {e}") from e
+    state = read_state(state_path, map_location)
     config = load_config_from_checkpoint(ckpt, verify=False)
     if model is not None:
         _load_weights(model, ckpt / "model.safetensors", map_location)
@@ -416,6 +355,21 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
         set_rng_state(state["rng"])
     return {"step": int(state["step"]), "config": config, "loader_state": state.get("loader_state"),
             "extra": state.get("extra") or {}, "path": ckpt}
+
+
+def read_state(state_path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """``state.pt`` through ``torch.load(weights_only=True)``: a pickle that would build anything but tensors,
+    numbers, strings and containers (code that runs on load) is refused, never executed."""
+    try:
+        state = torch.load(state_path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{state_path} refused: it is not a weights-only file (its pickle would build "
+                              f"objects or run code on load; not unpickled): {e}") from None
+    except Exception as e:
+        raise CheckpointError(f"{state_path} is corrupt or unreadable: {e}") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{state_path} is not a finealign training state (no 'step')")
+    return state
 
 
 def load_config_from_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:

@@ -10,8 +10,12 @@ log = logging.getLogger("finealign")
 
 
 class MetricLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+        """``resume_step``: the run resumes from a checkpoint at that step; rows the interrupted process
+        logged after it (and a line torn by a kill) are dropped, so each step appears once."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            _truncate_after(self.path, resume_step)
         self._fh = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
@@ -43,6 +47,25 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            ok = row["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        log.info("%s: dropped %d row(s) logged after the resumed step %d", path, dropped, step)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in keep))
+        tmp.replace(path)
 
 
 def _num(v):

@@ -29,6 +29,7 @@ from ..objectives import StepContext, build_objectives
 from ..pipeline import Pipeline
 from ..types import Batch
 from . import checkpoint as ckpt
+from .faults import NonFiniteGuard, NonFiniteLossError, blame_gradient, nonfinite_params
 from .gather import StepGather, micro_bounds
 from .logging import MetricLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
@@ -38,9 +39,7 @@ from .setup import build_tokenizer, build_train_loader, make_run_dir, pick_devic
 
 log = logging.getLogger("finealign")
 
-
-class NonFiniteLossError(RuntimeError):
-    pass
+__all__ = ["Trainer", "train", "seed_everything", "NonFiniteLossError"]   # the error: from faults.py
 
 
 class Trainer:
@@ -109,10 +108,14 @@ class Trainer:
                 self.loader.load_state_dict(state["loader_state"])
             if state["extra"].get("objectives"):      # objectives' own state (e.g. SemMIM's EMA centres)
                 self.objectives.load_state_dict(state["extra"]["objectives"])
-            log.info("resumed from %s at step %d", path, self.step)
         self.last_checkpoint: Path | None = None
         self.refreshes = 0                                 # semi-hard sampler refreshes in this process
-        self.metrics = MetricLogger(self.run_dir) if self.main else NullLogger()
+        self.metrics = MetricLogger(self.run_dir, resume_step=self.step if resume else None) \
+            if self.main else NullLogger()
+        if resume:                               # after the metrics are cut back to the resumed step
+            log.info("resumed from %s at step %d", path, self.step)
+        self.nonfinite = NonFiniteGuard(tc.skip_nonfinite, skipped=state["extra"].get("nonfinite_skipped", 0)
+                                        if resume else 0)
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ one optimizer step
@@ -141,6 +144,7 @@ class Trainer:
         gather = StepGather(self.dist.rank, self.dist.world_size, tc.gather_with_grad)
         gather.start(rank_rows or [len(batch)], accum, cache)
         out: dict[str, float] = defaultdict(float)
+        bad_loss: tuple[str, float] | None = None     # (objective, value): the first non-finite loss
         self.model.train()
         for j, mb in enumerate(micro):
             ctx = StepContext(step=self.step, total_steps=tc.steps, gather_fn=lambda n, x, j=j: gather(n, x, j),
@@ -154,10 +158,9 @@ class Trainer:
                     for name, obj in self.objectives.items():
                         res = obj(feats, mb, ctx)
                         loss = res["loss"]
-                        if not torch.isfinite(loss):
-                            raise NonFiniteLossError(
-                                f"step {self.step}: objective {name!r} produced a non-finite loss ({loss.item()}); "
-                                f"last good checkpoint: {self.last_checkpoint or 'none yet'}")
+                        if bad_loss is None and not torch.isfinite(loss):
+                            # backward still runs: every rank reaches the decision below together
+                            bad_loss = (name, float(loss.detach()))
                         share = gather.loss_scale if obj.scope == "global" else 1.0 / accum
                         total = total + obj.weight * share * loss
                         for k, v in res.items():
@@ -166,13 +169,12 @@ class Trainer:
         self.engine.finish_backward()
         # per-objective losses are micro-batch means (a global loss has the same value in every pass)
         out["loss"] = sum(obj.weight * out[f"{n}/loss"] for n, obj in self.objectives.items())
-        if self.cfg.train.clip_grad > 0:
-            gn = torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.train.clip_grad)
-            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn      # FSDP: a DTensor
-            if not torch.isfinite(gn):
-                raise NonFiniteLossError(f"step {self.step}: gradient norm is not finite; "
-                                         f"last good checkpoint: {self.last_checkpoint or 'none yet'}")
-            out["grad_norm"] = float(gn)
+        # the global gradient norm (clipped when train.clip_grad > 0; max_norm=inf scales by exactly 1)
+        gn = torch.nn.utils.clip_grad_norm_(self._params(), tc.clip_grad if tc.clip_grad > 0 else float("inf"))
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn          # FSDP: a DTensor
+        if self._nonfinite_step(bad_loss, gn, micro):
+            return {"skipped": self.nonfinite.skipped, "reason": self.nonfinite.last}
+        out["grad_norm"] = float(gn)
         self.optimizer.step()
         if hasattr(self.model, "momentum_update"):              # EMA teachers follow the new weights
             self.model.momentum_update(**({"gather": D.all_gather} if self.dist.enabled else {}))
@@ -180,6 +182,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return dict(out)
+
+    def _nonfinite_step(self, bad_loss, grad_norm, micro) -> bool:
+        """True: skip this batch (no optimizer step); raises NonFiniteLossError past train.skip_nonfinite."""
+        flag = float(bad_loss is not None)
+        if self.dist.enabled:                       # a local objective may be non-finite on one rank only
+            t = torch.tensor([flag], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = float(t)
+        if not flag and torch.isfinite(grad_norm):
+            return False
+        if bad_loss is not None:
+            what = f"objective {bad_loss[0]!r} produced a non-finite loss ({bad_loss[1]})"
+        elif flag:
+            what = "another rank's objective produced a non-finite loss (named in that rank's log)"
+        else:
+            params = nonfinite_params(self.model.named_parameters())
+            blamed = blame_gradient(self, micro) if not self.dist.enabled else []
+            what = (f"objective {', '.join(map(repr, blamed)) if blamed else '(not traced)'} produced a "
+                    f"non-finite gradient (norm {float(grad_norm)}; in {', '.join(params) or 'objective parameters'})")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite.handle(self.step, what, self.last_checkpoint)
+        return True
 
     def _params(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -191,6 +215,8 @@ class Trainer:
         model, optimizer = self.engine.model_state(), self.engine.optimizer_state(self.optimizer)
         extra = {"tokenizer_json": self.tokenizer.to_str(),
                  "objectives": {k: v.cpu() for k, v in self.objectives.state_dict().items()}}
+        if self.nonfinite.skipped:
+            extra["nonfinite_skipped"] = self.nonfinite.skipped
         if self.dist.enabled:
             extra["rng_ranks"] = D.all_gather_object(ckpt.get_rng_state())   # one per rank
         if self.engine.kind == "fsdp":
@@ -244,6 +270,9 @@ class Trainer:
                     continue
                 batch = batch.to(self.device, non_blocking=True)
                 metrics = self.train_step(batch, rows)
+                if "loss" not in metrics:        # a non-finite batch skipped (train.skip_nonfinite)
+                    self.metrics.log(self.step + 1, metrics, prefix="nonfinite")
+                    continue
                 self.step += 1
                 seen += sum(rows)
                 ep = getattr(self.loader, "epoch", 0)
@@ -256,6 +285,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     metrics["samples_per_s"] = seen / max(dt, 1e-9)
                     metrics["skipped"] = self.skips.total
+                    metrics["nonfinite_skipped"] = self.nonfinite.skipped
                     self.metrics.log(self.step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}")
                     t0, seen = time.perf_counter(), 0

@@ -152,6 +152,6 @@ class Engine:
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
         sd = ckpt.read_weights(state["path"] / "model.safetensors")
         set_model_state_dict(self.wrapped, {f"model.{k}": v for k, v in sd.items()}, options=opts)
-        raw = torch.load(state["path"] / "state.pt", map_location="cpu", weights_only=True)
+        raw = ckpt.read_state(state["path"] / "state.pt")
         set_optimizer_state_dict(self.wrapped, optimizer, raw["optimizer"], options=opts)
         return state
