@@ -121,3 +121,29 @@ def test_scale_lr():
     assert scale_lr(1e-3, 64, base_batch=128) == pytest.approx(5e-4)
     with pytest.raises(ValueError):
         scale_lr(1e-3, 0)
+
+
+def test_optimizer_kernels_agree_and_are_selected():
+    """train.optimizer picks AdamW's kernels; auto / foreach / fused give the same steps up to float rounding."""
+    results = {}
+    for impl in ("auto", "foreach", "fused"):
+        torch.manual_seed(0)
+        model = Toy()
+        opt = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1, optimizer=impl))
+        assert opt.defaults["fused"] is (True if impl == "fused" else None)
+        assert opt.defaults["foreach"] is (True if impl == "foreach" else None)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results[impl] = [p.detach().clone() for p in model.parameters()]
+    for impl in ("foreach", "fused"):
+        for a, b in zip(results["auto"], results[impl]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    init = [p.detach() for p in Toy().parameters()]
+    assert all(not torch.equal(a, b) for a, b, p in zip(results["auto"], init, Toy().parameters()) if p.requires_grad)
+    with pytest.raises(ValueError, match="train.optimizer must be auto, foreach or fused"):
+        build_optimizer(Toy(), TrainConfig(optimizer="adam8bit"))

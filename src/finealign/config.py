@@ -185,6 +185,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
+    optimizer: str = "auto"          # AdamW kernels: auto (torch's choice) | foreach | fused (docs/performance.md)
     grad_accum: int = 1              # micro-batches per step (ITC still sees every negative)
     clip_grad: float = 1.0           # max grad norm (0 = off)
     precision: str = "fp32"          # fp32 | bf16 (autocast)

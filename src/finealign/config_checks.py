@@ -14,6 +14,8 @@ def check(cfg) -> None:
     if cfg.data.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by "
                           f"train.grad_accum ({cfg.train.grad_accum})")
+    if cfg.train.optimizer not in ("auto", "foreach", "fused"):
+        raise ConfigError(f"train.optimizer must be auto, foreach or fused, got {cfg.train.optimizer!r}")
     if cfg.train.strategy not in ("ddp", "fsdp"):
         raise ConfigError(f"train.strategy must be ddp or fsdp, got {cfg.train.strategy!r}")
     if cfg.train.local_loss and not cfg.train.gather_with_grad:

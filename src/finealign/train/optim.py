@@ -76,12 +76,19 @@ def build_optimizer(model, cfg, extra_params: Iterable = ()) -> torch.optim.Adam
     Args:
         model: the module whose trainable parameters are optimised, or an iterable of
             ``(name, Parameter)`` pairs (e.g. model + objective parameters) or bare Parameters.
-        cfg: a ``TrainConfig`` (``lr, weight_decay, beta1, beta2, eps``).
+        cfg: a ``TrainConfig`` (``lr, weight_decay, beta1, beta2, eps, optimizer``). ``optimizer``: ``auto``
+            = PyTorch's default (multi-tensor ``foreach`` kernels on CUDA, a loop over parameters on CPU),
+            ``foreach``, or ``fused`` (``AdamW(fused=True)``: one kernel per parameter group); the three agree
+            to float rounding, not bit for bit.
         extra_params: further parameters living outside ``model`` (e.g. in an objective), as
             ``Parameter``s or ``(name, Parameter)`` pairs; duplicates of model parameters are ignored.
     """
     groups = param_groups(model, cfg.weight_decay, extra_params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    impl = getattr(cfg, "optimizer", "auto")
+    kind = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True}}.get(impl)
+    if kind is None:
+        raise ValueError(f"train.optimizer must be auto, foreach or fused, got {impl!r}")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kind)
 
 
 def lr_lambda(step: int, warmup: int, steps: int, min_lr_ratio: float) -> float:
