@@ -252,7 +252,7 @@ def source_roots(cfg: DataConfig, *dirs: Path | None) -> list[Path] | None:
     r = root_dir(cfg)
     if r is not None:
         out.append(r)
-    return out
+    return [Path(os.path.abspath(d)) for d in dict.fromkeys(out)]
 
 
 def parse_box(box: Any) -> tuple[float, float, float, float]:

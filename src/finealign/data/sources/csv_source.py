@@ -69,6 +69,7 @@ def _read_rows(path: Path, cfg: DataConfig, reader, delimiter: str, skips: SkipL
                rdir) -> SampleGrouper:
     """Header + rows of one table -> grouped Samples (bad rows skipped as file:line)."""
     grouper = SampleGrouper()
+    cands_of: dict[str, tuple[str, ...]] = {}   # rows repeat image paths (5 captions per image)
     header = None
     for row in reader:
         if row and any(c.strip() for c in row):
@@ -104,7 +105,9 @@ def _read_rows(path: Path, cfg: DataConfig, reader, delimiter: str, skips: SkipL
         if not cap:
             skips.skip("empty caption", where)
             continue
-        cands = image_candidates(img, path, rdir, roots=roots)
+        cands = cands_of.get(img)
+        if cands is None:
+            cands = cands_of[img] = image_candidates(img, path, rdir, roots=roots)
         if not cands:
             skips.skip("path outside root", where)
             continue

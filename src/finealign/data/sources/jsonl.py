@@ -109,6 +109,7 @@ def read_jsonl(path: Path, cfg: DataConfig, skips: SkipLog) -> list[Sample]:
     roots = source_roots(cfg, path.parent)
     grouper = SampleGrouper()
     item_ids: dict[str, int] = {}
+    cands_of: dict[str, tuple[str, ...]] = {}   # lines repeat image paths (several captions per image)
     next_item = 0
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, start=1):
@@ -130,7 +131,9 @@ def read_jsonl(path: Path, cfg: DataConfig, skips: SkipLog) -> list[Sample]:
                 paths = _image_paths(obj, cfg)
                 caps, notes = _captions(obj, cfg)
                 regions = _regions(obj, len(paths))
-                cands_per = [image_candidates(p, path, rdir, roots=roots) for p in paths]
+                cands_per = [cands_of[p] if p in cands_of else
+                             cands_of.setdefault(p, image_candidates(p, path, rdir, roots=roots))
+                             for p in paths]
                 if not all(cands_per):
                     raise _BadLine("path outside root")
             except _BadLine as e:

@@ -31,6 +31,7 @@ NOTE_TRUNCATED = "caption truncated"
 
 # Unicode Cc (U+0000-001F, U+007F-009F) minus what str.split() treats as whitespace (\t-\r, \x1c-\x1f,
 # \x85), plus lone surrogates (Cs); a regex so that clean captions cost one C-level scan
+_ESCAPED = re.compile("[\udc80-\udcff]")      # bytes that were not UTF-8, under errors="surrogateescape"
 _BAD_CHARS = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
 
 
@@ -56,7 +57,7 @@ def clean_caption(x: Any) -> tuple[str, list[str]]:
 
 def has_bad_bytes(text: str) -> bool:
     """True if ``text`` (read with ``errors="surrogateescape"``) came from invalid UTF-8."""
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    return _ESCAPED.search(text) is not None
 
 
 def decode_utf8(raw: bytes) -> str | None:
