@@ -330,6 +330,24 @@ def test_paths_cannot_leave_the_root_unless_allowed(tmp_path):
         assert len(got) == 2, name
 
 
+def test_emoji_source_same_rules(tmp_path):
+    from finealign.data.sources.emoji import build as build_emoji
+    root = _outside_layout(tmp_path)
+    Image.new("RGB", (4, 4)).save(root / "imgs" / "four.png")
+    (root / "train.jsonl").write_bytes(b"\n".join([
+        json.dumps({"image": "imgs/four.png", "caption": "a\x07b", "item_id": 0}).encode(),
+        json.dumps({"image": "../secret.png", "caption": "out", "item_id": 1}).encode(),
+        b'{"image": "imgs/in.png", "caption": "caf\xe9", "item_id": 2}']) + b"\n")
+    sk = SkipLog()
+    got = build_emoji(DataConfig(source="emoji", root=str(root), max_image_pixels=15), "train", sk)
+    assert [s.captions for s in got] == [["a b"]] and sk.notes == {"control characters removed": 1}
+    assert sk.counts == {"path outside root": 1, "invalid utf-8": 1}
+    item = PairDataset(got, ImageTransform(S, train=False), train=False)[0]
+    assert isinstance(item, Skipped) and item.reason == "image too large"      # 16 px > 15
+    assert len(build_emoji(DataConfig(source="emoji", root=str(root), allow_outside_root=True), "train",
+                           SkipLog())) == 2
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 def test_train_loader_epoch_survives_a_mix_of_bad_samples(tmp_path):

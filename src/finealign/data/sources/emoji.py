@@ -411,17 +411,20 @@ def _opt_str(x) -> str | None:
     return None if x is None else str(x)
 
 
-def _open_rgb(path: str) -> Image.Image:
+def _open_rgb(path: str, max_pixels: int = 0) -> Image.Image:
     with Image.open(path) as im:
+        if max_pixels and im.width * im.height > max_pixels:   # data.max_image_pixels, from the header
+            raise Image.DecompressionBombError(f"{path}: {im.width}x{im.height} pixels exceeds "
+                                               f"data.max_image_pixels = {max_pixels}")
         return im.convert("RGB")
 
 
 class EmojiJsonl(Sequence[Sample]):
     """Rows of one split file, parsed eagerly (a few thousand lines), images loaded lazily."""
 
-    def __init__(self, path: Path, skips: SkipLog, allow_outside_root: bool = False):
+    def __init__(self, path: Path, skips: SkipLog, allow_outside_root: bool = False, max_pixels: int = 0):
         self.path = path
-        self.allow_outside_root = allow_outside_root
+        self.allow_outside_root, self.max_pixels = allow_outside_root, int(max_pixels)
         self.samples: list[Sample] = []
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for lineno, line in enumerate(f, 1):
@@ -456,7 +459,7 @@ class EmojiJsonl(Sequence[Sample]):
         # format 2 rows: category = Unicode group, subcategory = subgroup; older rows: their "category"
         category = row.get("group") if "group" in row else row.get("category")
         self.samples.append(Sample(
-            key=img, load_image=partial(_open_rgb, img), captions=[caption],
+            key=img, load_image=partial(_open_rgb, img, self.max_pixels), captions=[caption],
             image_id=len(self.samples), item_id=item_id, label=_opt_str(row.get("label")),
             category=_opt_str(category), subcategory=_opt_str(row.get("subgroup")), source=where))
 
@@ -477,4 +480,5 @@ def build(cfg: DataConfig, split: str, skips: SkipLog) -> EmojiJsonl:
     if not path.is_file():
         raise FileNotFoundError(f"emoji dataset not found at {root} (no {path.name}); "
                                 f"run `finealign data build emoji --out {root}`")
-    return EmojiJsonl(path, skips, allow_outside_root=cfg.allow_outside_root)
+    return EmojiJsonl(path, skips, allow_outside_root=cfg.allow_outside_root,
+                      max_pixels=cfg.max_image_pixels)
