@@ -98,9 +98,16 @@ def _wait(driver, cond, what, timeout=120):
     WebDriverWait(driver, timeout).until(cond, message=f"waiting for {what}")
 
 
-def _screenshot(driver, tmp_path, name):
+def _screenshot(driver, tmp_path, name, max_height=1800):
+    """The page down to max_height px (the window is stretched for the shot, then put back)."""
     path = tmp_path / name
-    assert driver.save_screenshot(str(path)), f"screenshot {path} not written"
+    size = driver.get_window_size()
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(size["width"], min(max(height + 140, size["height"]), max_height))
+    try:
+        assert driver.save_screenshot(str(path)), f"screenshot {path} not written"
+    finally:
+        driver.set_window_size(size["width"], size["height"])
     if os.environ.get("FINEALIGN_SCREENSHOTS"):
         out = Path(os.environ["FINEALIGN_SCREENSHOTS"])
         out.mkdir(parents=True, exist_ok=True)

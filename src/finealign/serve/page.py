@@ -17,7 +17,8 @@ PAGE = """<!doctype html>
   figure { margin: 0; text-align: center; font-size: .8em; }
   figure img { width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated;
                border: 1px solid #ccc; background: #f6f6f6; }
-  .row { display: flex; gap: 1.5em; flex-wrap: wrap; align-items: flex-start; }
+  .row { display: flex; gap: 1.5em; flex-wrap: wrap; align-items: flex-start; margin-top: .6em; }
+  #text-results { flex: 1 1 340px; min-width: 0; }
   .error { color: #b00020; font-weight: 600; }
   #preview, #relevance-img { width: 192px; height: 192px; object-fit: contain; image-rendering: pixelated;
                              border: 1px solid #ccc; }
@@ -50,7 +51,7 @@ PAGE = """<!doctype html>
   <div id="upload-error" class="error"></div>
   <div class="row">
     <div><img id="preview" alt="uploaded image" hidden></div>
-    <div>
+    <div id="text-results">
       <div><b>Generated caption</b> <span id="captioner" class="score"></span></div>
       <ol id="captions"></ol>
       <div><b>Closest captions</b> <span id="closest-source" class="score"></span></div>
