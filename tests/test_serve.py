@@ -205,3 +205,27 @@ def test_serve_verb_and_missing_gallery(tmp_path, capsys):
     run = tmp_path / "nope"
     assert main(["serve", str(run), "--gallery", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_maccap_checkpoint_serves_zero_shot_captions(tmp_path):
+    """A MacCap run (text-only trained on a tiny CLIP backbone): /api/caption gives its zero-shot captions,
+    /api/relevance uses the backbone's patch-text relevance."""
+    from finealign.config import load_config
+    from finealign.train.loop import Trainer
+    bb = train_tiny(tmp_path / "bb", recipe="clip", steps=1)
+    run = tmp_path / "maccap"
+    Trainer(load_config("maccap", [f"maccap.backbone={bb}", "train.steps=2", f"train.run_dir={run}",
+                                   "data.num_samples=16", "data.batch_size=8", "maccap.adaptor_width=32",
+                                   "maccap.adaptor_heads=2", "maccap.queries=4", "maccap.copies=2", "lm.width=32",
+                                   "lm.layers=1", "lm.heads=2", "maccap.samples=2", "eval.max_new_tokens=4"]),
+            progress=False).train()
+    write_gallery(bb, tmp_path / "gallery")
+    app, _ = build(run, tmp_path / "gallery", cache=tmp_path / "cache")
+    client = TestClient(app)
+    assert client.get("/api/info").json()["captioner"] == "maccap"
+    img = (tmp_path / "gallery" / "00.png").read_bytes()
+    out = client.post("/api/caption", files={"file": ("x.png", img, "image/png")}).json()
+    assert out["captioner"] == "maccap" and "zero-shot MacCap" in out["message"]
+    assert len(out["captions"]) == 1 and isinstance(out["captions"][0], str) and len(out["closest"]) == 5
+    r = client.post("/api/relevance", files={"file": ("x.png", img, "image/png")}, data={"text": "a red circle"})
+    assert r.status_code == 200 and r.json()["grid"] == 8
