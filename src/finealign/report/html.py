@@ -15,7 +15,7 @@ h3{font-size:1.05em;margin-bottom:.3em} .muted{color:#666;font-size:.9em}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em;background:#fff}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;display:block;margin:.4em 0;image-rendering:auto}
-.runs{display:grid;gap:1.2em;align-items:start} .run{min-width:0;background:#fff;padding:.2em .8em;border:1px solid #ddd}
+.runs{display:grid;gap:1.2em;align-items:start;overflow-x:auto} .run{min-width:0;background:#fff;padding:.2em .8em;border:1px solid #ddd}
 .wide{overflow-x:auto;max-width:100%} .captions{display:flex;flex-wrap:wrap;gap:.8em} figure{margin:0;width:150px;font-size:.8em}
 figure img{width:128px;image-rendering:pixelated} .gen{color:#0a5} .ref{color:#555}
 """
@@ -116,7 +116,7 @@ def render(title: str, meta: str, top: list[Section], columns: list[tuple[str, l
            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><p class=\"muted\">{esc(meta)}</p>"]
     out += [_section(s, 2) for s in top]
     if columns:
-        out.append(f'<div class="runs" style="grid-template-columns:repeat({len(columns)},minmax(0,1fr))">')
+        out.append(f'<div class="runs" style="grid-template-columns:repeat({len(columns)},minmax(420px,1fr))">')
         for k, (name, sections) in enumerate(columns):
             out.append(f'<div class="run" data-run="{esc(name)}"><h2>{esc(name)}</h2>')
             out += [_section(s, 3, f"{slug(name)}-{k}-") for s in sections]

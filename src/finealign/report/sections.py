@@ -88,7 +88,12 @@ def model_sections(run: RunDir, out_dir: Path, split: str | None, num: int, prog
     except (ValueError, OSError, KeyError) as e:
         return [Section("Model").note(f"cannot read split {split!r} of {run.path}'s data: {e}")]
     for step in tqdm(steps, desc=f"report {run.name}", disable=not progress, leave=False):
-        out.append(VIEWS[step](loaded, gallery, out_dir, stem, split, num))
+        try:
+            out.append(VIEWS[step](loaded, gallery, out_dir, stem, split, num))
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:     # one view failing keeps the page
+            log.warning("report: %s: the %s view failed: %s: %s", run.path, step, type(e).__name__, e)
+            out.append(Section(TITLES[step]).note(f"could not draw the {step} view of {run.path}: "
+                                                  f"{type(e).__name__}: {e}"))
     return out
 
 
@@ -145,6 +150,8 @@ def _mixing(loaded, gallery, out_dir, stem, split, num) -> Section:
 
 
 VIEWS = {"retrieval": _retrieval, "captions": _captions, "masks": _masks, "mixing": _mixing}
+TITLES = {"retrieval": "Retrieval: text → top-5 images", "captions": "Caption samples", "masks": "Mask overlays",
+          "mixing": "Mixed samples"}
 
 
 def gap_section(run: RunDir, out_dir: Path) -> Section | None:
