@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from finealign.train.checkpoint import (CheckpointError, find_checkpoint, get_rng_state, list_checkpoints,
-                                        load_checkpoint, load_config_from_checkpoint, save_checkpoint,
+from finealign.train.checkpoint import (CheckpointError, CheckpointWriteError, find_checkpoint, get_rng_state,
+                                        list_checkpoints, load_checkpoint, load_config_from_checkpoint, save_checkpoint,
                                         set_rng_state)
 
 CONFIG = {"model": {"preset": "tiny", "embed_dim": 8}, "train": {"lr": 1e-3, "steps": 10}, "recipe": "test"}
@@ -160,7 +160,7 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
         raise OSError("simulated crash")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CheckpointWriteError, match=r"step_00000002: simulated crash.*step_00000001\) is intact"):
         save_checkpoint(tmp_path, 2, model, CONFIG, opt)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_00000001"]
