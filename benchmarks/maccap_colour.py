@@ -30,7 +30,7 @@ def main() -> None:
     scenes = [make_scene(0, "test", i) for i in range(args.images)]
     images = torch.stack([tf(render(s)) for s in scenes])
     colour = [s.objects[s.primary].colour for s in scenes]
-    print(f"| subregions k | samples N (re-ranked) | colour named | shuffled captions | s |\n|---:|---:|---:|---:|---:|")
+    print("| subregions k | samples N (re-ranked) | colour named | shuffled captions | s |\n|---:|---:|---:|---:|---:|")
     for k, n in [(0, 1), (0, 4), (10, 1), (10, 4)]:
         model.mc.subregions, model.mc.samples, model.mc.rerank = k, n, n > 1
         t0 = time.perf_counter()

@@ -6,7 +6,8 @@ from PIL import Image
 
 from finealign.cli import build_parser, main
 
-VERBS = ["data", "train", "eval", "caption", "retrieve", "quickstart", "ablate", "viz", "recipes"]
+VERBS = ["data", "train", "eval", "caption", "retrieve", "quickstart", "ablate", "viz", "recipes", "analyze",
+         "export", "serve", "report"]
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -18,6 +19,8 @@ def test_help_on_every_verb(verb, capsys):
 
 
 def test_parser_lists_all_verbs():
+    from finealign.cli import VERBS as dispatched
+    assert sorted(VERBS) == sorted(dispatched)              # this list is every verb main() dispatches
     help_text = build_parser().format_help()
     for verb in VERBS:
         assert verb in help_text

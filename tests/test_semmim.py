@@ -172,3 +172,21 @@ def test_viz_prototypes_on_a_trained_model(tmp_path):
     out = tmp_path / "p.png"
     assert main(["viz", "prototypes", str(run), "--images", str(imgs), "--out", str(out), "--num", "3"]) == 0
     assert out.exists() and out.stat().st_size > 1000
+    # viz masks: the text-guided masked patches with the teacher's prototype beside the student's prediction
+    from finealign.analysis.viz_sync import sync_panels
+    from finealign.api import load
+    from finealign.data.transforms import ImageTransform
+    loaded = load(str(run))
+    image = ImageTransform(loaded.config.model.image_size, train=False)(Image.open(imgs / "0.png").convert("RGB"))
+    panels = sync_panels(loaded.model, loaded.tokenizer, loaded.config, image, "a large red circle")
+    N, M = loaded.model.visual.num_patches, panels["mim"].masked.shape[1]
+    assert M == round(0.4 * N) and "reconstruction" not in panels               # masking.mim: 40% most attended
+    assert not any(m for _, m in panels["tokens"])                              # SemMIM masks no words
+    proto = panels["prototypes"]
+    assert proto["student"].shape == proto["teacher"].shape == (M,)
+    assert int(proto["teacher"].max()) < 32 and int(proto["student"].min()) >= 0
+    masks = tmp_path / "m.png"
+    assert main(["viz", "masks", str(run), "--image", str(imgs / "0.png"), "--text", "a red circle",
+                 "--out", str(masks)]) == 0
+    with Image.open(masks) as im:
+        assert im.size[0] == 5 * 300                                             # five 3-inch panels at 100 dpi

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("viz", help="visualise masks, prototypes or image mixing")
     vsub = p.add_subparsers(dest="viz_verb", metavar="WHAT", required=True)
-    v = vsub.add_parser("masks", help="relevance map, IC-kept and TG-MIM-masked patches, reconstruction")
+    v = vsub.add_parser("masks", help="relevance map, masked patches (IC / TG-MIM / synchronized / SemMIM), "
+                                      "reconstruction or prototypes")
     v.add_argument("checkpoint")
     v.add_argument("--image", required=True, help="image file")
     v.add_argument("--text", required=True, help="caption the relevance is computed against")
@@ -222,116 +223,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .api import load
-    from .config import from_dict, merge, parse_overrides
-    from .eval.runner import evaluate, format_results
-    loaded = load(args.checkpoint)
-    extra = parse_overrides(args.overrides)
-    data = extra.setdefault("data", {})
-    if args.data:
-        data["root"] = args.data
-    if args.source:
-        data["source"] = args.source
-    if args.strict:
-        data["strict"] = True
-    cfg = from_dict(merge(loaded.config.to_dict(), extra))
-    split = args.split or cfg.data.test
-    from .distributed import destroy, info, init_distributed
-    had_group = info().enabled
-    world = init_distributed(device="cpu")      # under torchrun: a gloo group, the split shared by ranks
-    try:
-        res = evaluate(loaded.model, loaded.tokenizer, cfg, split=split, tasks=args.task,
-                       progress=not args.no_progress)
-    finally:
-        if world.enabled and not had_group:
-            destroy()
-    if not world.is_main:                       # every rank holds the same results; rank 0 reports
-        return 0
-    print(format_results(res))
-    out = Path(args.out) if args.out else loaded.path / f"eval_{Path(split).stem}.json"
-    out.write_text(json.dumps(res, indent=2, default=str))
-    print(f"results written to {out}")
-    return 0
-
-
-def _load_images(paths, size):
-    from PIL import Image
-    import torch
-    from .data.transforms import ImageTransform, to_rgb
-    tf = ImageTransform(size, train=False)
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.load()
-                out.append(tf(to_rgb(im)))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{p}: cannot read image ({e})") from None
-    return torch.stack(out)
-
-
-def cmd_caption(args) -> int:
-    import torch
-    from .api import load
-    loaded = load(args.checkpoint)
-    if args.zero_shot and loaded.config.model.arch != "maccap":
-        raise ValueError(f"{loaded.path}: --zero-shot needs a MacCap run (finealign train maccap "
-                         f"maccap.backbone=...), this is model.arch={loaded.config.model.arch}")
-    if getattr(loaded.model, "decoder", None) is None:
-        raise ValueError(f"{loaded.path}: this model has no caption decoder (trained with decoder_layers=0)")
-    cfg, tok = loaded.config, loaded.tokenizer
-    images = _load_images(args.images, cfg.model.image_size)
-    strategy = args.decode or cfg.eval.decode
-    gen = torch.Generator().manual_seed(args.seed)
-    for n in range(args.num):
-        ids = loaded.model.generate(images, tok.bos_id, tok.eos_id, tok.pad_id, strategy=strategy,
-                                    max_new_tokens=cfg.eval.max_new_tokens, beam_size=cfg.eval.beam_size,
-                                    top_p=cfg.eval.top_p, generator=gen)
-        for path, row in zip(args.images, ids):
-            print(f"{path}\t{tok.decode(row.tolist())}")
-    return 0
-
-
-def cmd_retrieve(args) -> int:
-    import torch
-    from .api import load
-    from .eval.runner import embed_texts
-    loaded = load(args.checkpoint)
-    cfg, model, tok = loaded.config, loaded.model, loaded.tokenizer
-    if args.query:
-        if not args.images:
-            raise ValueError("--query needs --images DIR (the gallery to search)")
-        root = Path(args.images)
-        paths = sorted(p for p in (root.iterdir() if root.is_dir() else Path().glob(args.images))
-                       if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
-        if not paths:
-            raise FileNotFoundError(f"no images found in {args.images}")
-        with torch.no_grad():
-            img = torch.cat([model.encode_image(_load_images(paths[i:i + 256], cfg.model.image_size))["embed"]
-                             for i in range(0, len(paths), 256)])
-            q = embed_texts(model, tok, [args.query], cfg.model.context_length, "cpu")
-        scores = (q @ img.t())[0]
-        for s, i in zip(*scores.topk(min(args.k, len(paths)))):
-            print(f"{s:.3f}\t{paths[i]}")
-        return 0
-    if args.image:
-        from .data.loader import build_source
-        from .data.skips import SkipLog
-        data = cfg.data
-        if args.captions_from:
-            data.root = args.captions_from
-        texts = sorted({c for s in build_source(data, data.test, SkipLog()) for c in s.captions})
-        with torch.no_grad():
-            img = model.encode_image(_load_images([args.image], cfg.model.image_size))["embed"]
-            txt = embed_texts(model, tok, texts, cfg.model.context_length, "cpu")
-        scores = (img @ txt.t())[0]
-        for s, i in zip(*scores.topk(min(args.k, len(texts)))):
-            print(f"{s:.3f}\t{texts[i]}")
-        return 0
-    raise ValueError("give --query TEXT --images DIR, or --image PATH")
-
-
 def cmd_quickstart(args) -> int:
     from .quickstart import quickstart
     return quickstart(args)
@@ -407,6 +298,8 @@ def cmd_recipes(args) -> int:
         print(f"{str(p.relative_to(CONFIG_DIR))[:-5]:<32} {first}")
     return 0
 
+
+from .cli_infer import cmd_caption, cmd_eval, cmd_retrieve  # noqa: E402  (verbs that load a checkpoint)
 
 VERBS = {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "caption": cmd_caption,
          "retrieve": cmd_retrieve, "quickstart": cmd_quickstart, "ablate": cmd_ablate, "viz": cmd_viz,

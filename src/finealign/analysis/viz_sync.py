@@ -1,14 +1,16 @@
-"""``finealign viz masks`` for fusion models with synchronized masking (SyncMask).
+"""``finealign viz masks`` for fusion models: synchronized masking (SyncMask) or text-guided MIM (SemMIM).
 
 Panels: the image; the teacher's cross-attention of the masked words (summed over them) as a heat map;
-the image with the masked patches greyed out; the MIM reconstruction (when the model has an image
-decoder); and the caption with the masked words highlighted, so one sees that the words and the
+the image with the masked patches greyed out; the MIM reconstruction (when the model has a pixel image
+decoder) or, for semantic MIM (SemMIM), the teacher's prototype of every masked patch beside the student's
+prediction (one colour per prototype id); and the caption with the masked words highlighted, so one sees that the words and the
 patches they describe are hidden together.
 """
 from __future__ import annotations
 
 import torch
 
+from ..masking import build_masker
 from ..masking.sync import SynchronizedMasker
 from ..masking.text import special_positions
 from ..types import Batch
@@ -24,11 +26,16 @@ def sync_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
     ids, tmask = tokenizer.encode_batch([text], cfg.model.context_length)
     batch = Batch(images=image[None], text=ids, text_mask=tmask, image_ids=torch.zeros(1, dtype=torch.long),
                   item_ids=torch.zeros(1, dtype=torch.long), captions=[text], keys=["viz"])
-    masker = SynchronizedMasker(**(cfg.masking.sync or DEFAULT_SYNC))
     feats = model.encode(batch)
-    attn = model.cross_attention(feats, batch, masker.layer)                      # (1, T, N)
     special = special_positions(ids, tokenizer.special_ids)
-    positions, mim = masker(attn, tmask.bool(), special)
+    if not cfg.masking.sync and cfg.masking.mim:    # SemMIM: text-guided patches, no words
+        attn = model.cross_attention(feats, batch)                                # (1, T, N)
+        mim = build_masker(cfg.masking.mim)(attn.sum(1))
+        positions = torch.zeros(0, 2, dtype=torch.long)
+    else:
+        masker = SynchronizedMasker(**(cfg.masking.sync or DEFAULT_SYNC))
+        attn = model.cross_attention(feats, batch, masker.layer)                  # (1, T, N)
+        positions, mim = masker(attn, tmask.bool(), special)
     chosen = positions[:, 1].tolist()
     p, g = cfg.model.patch_size, model.visual.grid
     heat = attn[0, chosen].sum(0) if chosen else attn[0].sum(0)                   # (N,)
@@ -39,12 +46,28 @@ def sync_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
         from ..masking.text import corrupt_tokens
         masked_text = corrupt_tokens(ids, positions, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
                                      special_ids=tokenizer.special_ids, replace_ratio=(1.0, 0.0, 0.0))
-        pred = model.heads(feats, batch, {"mim": mim, "mlm": (masked_text, positions)},
-                           needs={"mim_pred"}).extras["mim_pred"][0]              # (M, 3p²)
-        from .viz import reconstruction
-        norm_pix = bool(cfg.objectives.get("mim", {}).get("norm_pix", True))
-        out["reconstruction"] = reconstruction(image, pred, mim.masked[0], p, g, norm_pix)
+        extras = model.heads(feats, batch, {"mim": mim, "mlm": (masked_text, positions)},
+                             needs={"mim_pred"}).extras
+        pred = extras["mim_pred"][0]                                              # (M, 3p²) or (M, K)
+        if "mim_teacher_logits" in extras:                                        # semantic targets
+            out["prototypes"] = {"student": pred.argmax(-1), "teacher": extras["mim_teacher_logits"][0].argmax(-1)}
+        else:
+            from .viz import reconstruction
+            norm_pix = bool(cfg.objectives.get("mim", {}).get("norm_pix", True))
+            out["reconstruction"] = reconstruction(image, pred, mim.masked[0], p, g, norm_pix)
     return out
+
+
+def prototype_overlay(shown: torch.Tensor, masked: torch.Tensor, ids: torch.Tensor, p: int, g: int) -> torch.Tensor:
+    """shown (3, S, S) in [0, 1]; each masked patch filled with a colour fixed by its prototype id (the same
+    id gets the same colour in every panel), visible patches washed out to near white."""
+    img = shown.clone() * 0.15 + 0.8
+    gen = torch.Generator()
+    for i, k in zip(masked.tolist(), ids.tolist()):
+        gen.manual_seed(int(k))
+        r, c = divmod(i, g)
+        img[:, r * p:(r + 1) * p, c * p:(c + 1) * p] = (0.2 + 0.8 * torch.rand(3, generator=gen))[:, None, None]
+    return img
 
 
 def draw_sync_figure(loaded, image: torch.Tensor, text: str, plt):
@@ -55,10 +78,18 @@ def draw_sync_figure(loaded, image: torch.Tensor, text: str, plt):
     p, g = panels["patch"], panels["grid"]
     shown = denormalize(image)
     tiles = [("image", shown.permute(1, 2, 0)),
-             ("teacher attention of masked words", panels["attention"]),
+             ("teacher attention of masked words" if "prototypes" not in panels
+              else "teacher attention of the caption", panels["attention"]),
              ("masked patches", _shade(shown, panels["mim"].masked[0], p, g).permute(1, 2, 0))]
     if "reconstruction" in panels:
         tiles.append(("MIM reconstruction", denormalize(panels["reconstruction"]).permute(1, 2, 0)))
+    if "prototypes" in panels:
+        masked, pr = panels["mim"].masked[0], panels["prototypes"]
+        hits = int((pr["student"] == pr["teacher"]).sum())
+        tiles.append(("teacher prototype per masked patch", prototype_overlay(shown, masked, pr["teacher"], p, g)
+                      .permute(1, 2, 0)))
+        tiles.append((f"student prediction ({hits}/{len(masked)} agree)",
+                      prototype_overlay(shown, masked, pr["student"], p, g).permute(1, 2, 0)))
     fig = tile_figure(plt, tiles, height=3.8)
     # the caption, masked words on a highlighted box, laid out left to right across the figure
     x = 0.02
