@@ -83,6 +83,27 @@ def test_mim_encoder_never_sees_masked_pixels(sycoca):
     assert torch.equal(pred, pred2)
 
 
+def test_shared_visible_tokens_skip_the_second_pass_and_read_the_first():
+    cfg = load_config("sycoca", ["model.mim_visible=shared"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 64).eval()
+    b = _batch(cfg)
+    N = model.visual.num_patches
+    mim = MaskIndices(keep=torch.arange(N // 2).expand(3, -1), masked=torch.arange(N // 2, N).expand(3, -1))
+    calls = []
+    hook = model.visual.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        feats = model.encode(b)
+        pred = model.heads(feats, b, {"mim": mim}).extras["mim_pred"]
+        want = model.image_decoder(feats.image_tokens[:, : N // 2], mim.keep, mim.masked, feats.text_tokens,
+                                   b.text_mask)
+    hook.remove()
+    assert len(calls) == 1                                              # one ViT pass for the whole step
+    assert torch.equal(pred, want)                                      # the decoder reads the first pass
+    with pytest.raises(Exception, match="mim_visible must be reencode or shared"):
+        load_config("sycoca", ["model.mim_visible=twice"])
+
+
 def test_pooler_query_subsets_equal_full_pooling(sycoca):
     _, model = sycoca
     x = torch.randn(2, model.visual.num_patches, model.cfg.vision_width)

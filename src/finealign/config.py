@@ -54,6 +54,11 @@ class ModelConfig:
     mim_text_from: int = 0           # first image-decoder block with text cross-attention (SemMIM text injection)
     mim_inject: bool = True          # the student's MIM decoder reads the text; false = SemMIM's "no text
                                      # injection" ablation (cross-attention gated off; a teacher still uses it)
+    mim_visible: str = "reencode"    # what the image decoder reads at the visible patches (CoCa arch):
+                                     # reencode: a second ViT pass over the visible patches only (MAE-style; the
+                                     # masked patches never reach it) | shared: the first full-image pass's tokens
+                                     # there (no second pass, ~1.2x cheaper step; they have attended to the
+                                     # masked patches, so their content can leak into the reconstruction)
     mim_target: str = "pixel"        # pixel: normalised pixels | semantic: the teacher's prototype distribution
                                      # (SemMIM; fusion arch with model.prototypes > 0 and a teacher)
     text_fused_targets: bool = False  # semantic targets from teacher patches fused with the text first

@@ -46,6 +46,10 @@ def check(cfg) -> None:
     if cfg.masking.relevance == "attention" and cfg.model.arch != "fusion":
         raise ConfigError("masking.relevance=attention reads fusion cross-attention: needs model.arch: fusion")
     m = cfg.model
+    if m.mim_visible not in ("reencode", "shared"):
+        raise ConfigError(f"model.mim_visible must be reencode or shared, got {m.mim_visible!r}")
+    if m.mim_visible == "shared" and m.arch != "coca":
+        raise ConfigError(f"model.mim_visible=shared is built for the CoCa arch (SyCoCa), not model.arch={m.arch}")
     if m.mim_target not in ("pixel", "semantic"):
         raise ConfigError(f"model.mim_target must be pixel or semantic, got {m.mim_target!r}")
     if m.mim_target == "semantic" and not (m.arch == "fusion" and m.prototypes > 0 and m.momentum > 0):

@@ -170,7 +170,11 @@ class ContrastiveCaptioner(nn.Module):
             mim = masks.get("mim")
             if mim is None:
                 raise ValueError("the image decoder needs masks['mim'] (configure masking.mim)")
-            _, visible = self.visual(batch.images, keep=mim.keep)                    # (B, K, Dv)
+            if self.cfg.mim_visible == "shared":                                     # first pass's tokens
+                tokens = feats.image_tokens
+                visible = tokens.gather(1, mim.keep[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, K, Dv)
+            else:                                                                     # masked patches unseen
+                _, visible = self.visual(batch.images, keep=mim.keep)                # (B, K, Dv)
             text = feats.text_tokens if self.cfg.mim_text else None
             feats.extras["mim_pred"] = self.image_decoder(visible, mim.keep, mim.masked, text,
                                                           batch.text_mask if text is not None else None)
