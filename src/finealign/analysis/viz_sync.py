@@ -13,6 +13,7 @@ import torch
 from ..masking import build_masker
 from ..masking.sync import SynchronizedMasker
 from ..masking.text import special_positions
+from ..pipeline import Pipeline
 from ..types import Batch
 
 DEFAULT_SYNC = {"words": 0.15, "patches": 0.25, "layer": -1}
@@ -30,7 +31,7 @@ def sync_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
     special = special_positions(ids, tokenizer.special_ids)
     if not cfg.masking.sync and cfg.masking.mim:    # SemMIM: text-guided patches, no words
         attn = model.cross_attention(feats, batch)                                # (1, T, N)
-        mim = build_masker(cfg.masking.mim)(attn.sum(1))
+        mim = build_masker(cfg.masking.mim)(Pipeline(model, cfg.masking, tokenizer).relevance(feats, batch))
         positions = torch.zeros(0, 2, dtype=torch.long)
     else:
         masker = SynchronizedMasker(**(cfg.masking.sync or DEFAULT_SYNC))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ModelConfig
+from ..masking.base import gather_tokens
 from ..types import Batch, Features
 from .decoder import MultimodalDecoder
 from .heads import AttentionalPooler
@@ -164,15 +165,14 @@ class ContrastiveCaptioner(nn.Module):
             patches = feats.image_tokens
             if masks.get("ic") is not None:
                 keep = masks["ic"].keep
-                patches = patches.gather(1, keep[..., None].expand(-1, -1, patches.shape[-1]))  # (B, K, Dv)
+                patches = gather_tokens(patches, keep)                                  # (B, K, Dv)
             feats.caption_logits = self.caption_logits(self.caption_memory(patches), feats.text_tokens)
         if self.image_decoder is not None:
             mim = masks.get("mim")
             if mim is None:
                 raise ValueError("the image decoder needs masks['mim'] (configure masking.mim)")
             if self.cfg.mim_visible == "shared":                                     # first pass's tokens
-                tokens = feats.image_tokens
-                visible = tokens.gather(1, mim.keep[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, K, Dv)
+                visible = gather_tokens(feats.image_tokens, mim.keep)                # (B, K, Dv)
             else:                                                                     # masked patches unseen
                 _, visible = self.visual(batch.images, keep=mim.keep)                # (B, K, Dv)
             text = feats.text_tokens if self.cfg.mim_text else None
