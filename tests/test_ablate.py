@@ -4,6 +4,7 @@ import json
 import statistics
 
 import pytest
+import yaml
 
 import finealign.train.loop as loop
 from finealign.ablate import (AblationInterrupted, add_ablate_parser, cmd_ablate, discover_recipes,
@@ -123,6 +124,19 @@ def test_resume_refuses_a_run_dir_with_another_config(study):
     recipes, out, _ = study
     with pytest.raises(ValueError, match=r"a_clip.seed0 was run with a different config \(train\.lr"):
         run_ablation(recipes, seeds=2, out_dir=out, progress=False, overrides=["train.lr=0.123"])
+
+
+def test_a_key_added_after_the_run_is_no_difference_at_its_default(study):
+    """A run saved before a config key existed is reused while the key holds its default, refused otherwise."""
+    recipes, out, _ = study
+    saved = out / "a_clip" / "seed0" / "config.yaml"
+    raw = yaml.safe_load(saved.read_text())
+    del raw["model"]["mim_decoder_scale"]                 # as written by a finealign without that key
+    saved.write_text(yaml.safe_dump(raw))
+    again = run_ablation(recipes, seeds=2, out_dir=out, progress=False)
+    assert all(r["reused"] for r in again["runs"])
+    with pytest.raises(ValueError, match=r"model\.mim_decoder_scale: saved '–', now 0\.5"):
+        run_ablation(recipes, seeds=2, out_dir=out, progress=False, overrides=["model.mim_decoder_scale=0.5"])
 
 
 def test_recipes_with_different_steps_are_refused(tmp_path, monkeypatch):

@@ -138,12 +138,18 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _config_mismatch(run_dir: Path, cfg) -> str | None:
-    """The first key where the run dir's saved config.yaml differs from ``cfg`` (None: same or absent)."""
+    """The first key where the run dir's saved config.yaml differs from ``cfg`` (None: same or absent).
+    A key the saved config lacks (added to finealign after that run) is no difference while ``cfg`` holds
+    its default: the run was trained with that default's behaviour."""
+    from .config import Config
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return None
     saved, now = _flat(yaml.safe_load(saved_path.read_text()) or {}), _flat(cfg.to_dict())
+    defaults = _flat(Config().to_dict())
     for k in sorted(set(saved) | set(now)):
+        if k not in saved and k in defaults and now.get(k, MISSING) == defaults[k]:
+            continue
         if saved.get(k, MISSING) != now.get(k, MISSING):
             return f"{k}: saved {saved.get(k, MISSING)!r}, now {now.get(k, MISSING)!r}"
     return None
