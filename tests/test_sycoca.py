@@ -68,8 +68,10 @@ def test_caption_uses_only_kept_patches(sycoca):
         assert not torch.allclose(base, changed)
 
 
-def test_mim_encoder_never_sees_masked_pixels(sycoca):
-    cfg, model = sycoca
+def test_mim_encoder_never_sees_masked_pixels():
+    cfg = load_config("sycoca", ["model.mim_visible=reencode"])        # the MAE-style second pass
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 64).eval()
     b = _batch(cfg)
     N, p = model.visual.num_patches, cfg.model.patch_size
     mim = MaskIndices(keep=torch.arange(N // 2).expand(3, -1), masked=torch.arange(N // 2, N).expand(3, -1))
@@ -102,6 +104,20 @@ def test_shared_visible_tokens_skip_the_second_pass_and_read_the_first():
     assert torch.equal(pred, want)                                      # the decoder reads the first pass
     with pytest.raises(Exception, match="mim_visible must be reencode or shared"):
         load_config("sycoca", ["model.mim_visible=twice"])
+
+
+def test_narrow_decoder_width_follows_the_scale_and_must_split_into_heads():
+    from finealign.config import ConfigError
+    cfg = load_config("sycoca", ["model.mim_decoder_scale=0.5"])      # tiny: ViT 128 wide, 4 heads
+    assert build_model(cfg.model, 64).image_decoder.width == 64
+    cfg = load_config("sycoca", ["model.mim_decoder_scale=0.3"])      # 38.4 -> the nearest multiple of 4
+    assert build_model(cfg.model, 64).image_decoder.width == 40
+    cfg = load_config("sycoca", ["model.mim_decoder_scale=0.5", "model.mim_decoder_width=96"])
+    assert build_model(cfg.model, 64).image_decoder.width == 96         # an explicit width wins
+    with pytest.raises(ConfigError, match="mim_decoder_scale must be in"):
+        load_config("sycoca", ["model.mim_decoder_scale=0"])
+    with pytest.raises(ConfigError, match=r"mim_decoder_width=90 must be a multiple of the image decoder's heads \(4\)"):
+        load_config("sycoca", ["model.mim_decoder_width=90"])
 
 
 def test_pooler_query_subsets_equal_full_pooling(sycoca):

@@ -48,7 +48,9 @@ class ModelConfig:
     caption_queries: int = 32        # attentional-pooler queries the decoder attends to
     image_pool: str = "attn"         # attn: CoCa attentional pooler (1 contrastive query) | cls: CLIP cls token
     mim_decoder_layers: int = 0      # image decoder blocks for masked image modeling; 0 = no image decoder
-    mim_decoder_width: int = 0       # image decoder width (0 = vision_width)
+    mim_decoder_width: int = 0       # image decoder width (0 = vision_width * mim_decoder_scale)
+    mim_decoder_scale: float = 1.0   # with mim_decoder_width 0: width = this fraction of vision_width, rounded
+                                     # to a multiple of the heads (MAE-style narrow decoder: 0.5)
     mim_decoder_heads: int = 0       # image decoder heads (0 = vision_heads)
     mim_text: bool = True            # image decoder cross-attends to the text tokens (TG-MIM); false = plain MIM
     mim_text_from: int = 0           # first image-decoder block with text cross-attention (SemMIM text injection)
@@ -59,7 +61,7 @@ class ModelConfig:
                                      # masked patches never reach it) | shared: the first full-image pass's tokens
                                      # there (no second pass: 1.24x instead of 1.39x CoCa's step at bench-tiny;
                                      # they have attended to the masked patches, so their content can leak
-                                     # into the reconstruction)
+                                     # into the reconstruction). The sycoca recipe: shared + decoder scale 0.5
     mim_target: str = "pixel"        # pixel: normalised pixels | semantic: the teacher's prototype distribution
                                      # (SemMIM; fusion arch with model.prototypes > 0 and a teacher)
     text_fused_targets: bool = False  # semantic targets from teacher patches fused with the text first

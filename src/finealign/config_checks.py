@@ -50,6 +50,11 @@ def check(cfg) -> None:
         raise ConfigError(f"model.mim_visible must be reencode or shared, got {m.mim_visible!r}")
     if m.mim_visible == "shared" and m.arch != "coca":
         raise ConfigError(f"model.mim_visible=shared is built for the CoCa arch (SyCoCa), not model.arch={m.arch}")
+    if not 0 < m.mim_decoder_scale <= 4:
+        raise ConfigError(f"model.mim_decoder_scale must be in (0, 4], got {m.mim_decoder_scale}")
+    if m.mim_decoder_width and m.mim_decoder_width % (m.mim_decoder_heads or m.vision_heads):
+        raise ConfigError(f"model.mim_decoder_width={m.mim_decoder_width} must be a multiple of the image "
+                          f"decoder's heads ({m.mim_decoder_heads or m.vision_heads})")
     if m.mim_target not in ("pixel", "semantic"):
         raise ConfigError(f"model.mim_target must be pixel or semantic, got {m.mim_target!r}")
     if m.mim_target == "semantic" and not (m.arch == "fusion" and m.prototypes > 0 and m.momentum > 0):

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..types import Batch, Features
 from .fusion import FusionEncoder, ITMHead, MLMHead
-from .image_decoder import ImageDecoder
+from .image_decoder import build_image_decoder
 from .prototypes import PrototypeHead
 from .pta import PTAHead, pta_block_index
 from .layers import init_weights
@@ -60,12 +60,9 @@ class FusionModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
         self.image_decoder = None
         if cfg.mim_decoder_layers > 0:
-            self.image_decoder = ImageDecoder(
-                num_patches=self.visual.num_patches, encoder_width=Dv, width=cfg.mim_decoder_width or Dv,
-                layers=cfg.mim_decoder_layers, heads=cfg.mim_decoder_heads or cfg.vision_heads,
-                patch_dim=Dv if cfg.mim_target == "semantic" else 3 * cfg.patch_size ** 2,
-                text_width=Dt if cfg.mim_text else None, mlp_ratio=cfg.mlp_ratio,
-                grad_checkpointing=cfg.grad_checkpointing, text_from=cfg.mim_text_from)
+            self.image_decoder = build_image_decoder(
+                cfg, self.visual.num_patches, text_width=Dt,
+                patch_dim=Dv if cfg.mim_target == "semantic" else 3 * cfg.patch_size ** 2)
         self.proto_head = PrototypeHead(Dv, cfg.prototypes, cfg.proto_dim) if cfg.prototypes > 0 else None
         self.pta_head = PTAHead(Dv, Dt, cfg.pta_width or Dv) if cfg.pta else None
         self.pta_index = pta_block_index(cfg.vision_layers, cfg.pta_block) if cfg.pta else None

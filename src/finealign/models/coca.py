@@ -30,7 +30,7 @@ from ..masking.base import gather_tokens
 from ..types import Batch, Features
 from .decoder import MultimodalDecoder
 from .heads import AttentionalPooler
-from .image_decoder import ImageDecoder
+from .image_decoder import build_image_decoder
 from .layers import init_weights
 from .pta import PTAHead, pta_block_index
 from .text import TextEncoder
@@ -70,11 +70,8 @@ class ContrastiveCaptioner(nn.Module):
         self.decoder = MultimodalDecoder(cfg, vocab_size) if self.has_decoder else None
         self.image_decoder = None
         if cfg.mim_decoder_layers > 0:
-            self.image_decoder = ImageDecoder(
-                num_patches=self.visual.num_patches, encoder_width=Dv, width=cfg.mim_decoder_width or Dv,
-                layers=cfg.mim_decoder_layers, heads=cfg.mim_decoder_heads or cfg.vision_heads,
-                patch_dim=3 * cfg.patch_size ** 2, text_width=Dt if cfg.mim_text else None,
-                mlp_ratio=cfg.mlp_ratio, grad_checkpointing=cfg.grad_checkpointing)
+            self.image_decoder = build_image_decoder(cfg, self.visual.num_patches,
+                                                     patch_dim=3 * cfg.patch_size ** 2, text_width=Dt)
         self.pta_head = PTAHead(Dv, Dt, cfg.pta_width or Dv) if cfg.pta else None
         self.pta_index = pta_block_index(cfg.vision_layers, cfg.pta_block) if cfg.pta else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))

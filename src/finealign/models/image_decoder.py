@@ -20,6 +20,24 @@ from torch import Tensor
 from .layers import Block, init_weights, run_block
 
 
+def decoder_shape(cfg) -> tuple[int, int]:
+    """(width, heads) of the image decoder for a ``ModelConfig``: ``mim_decoder_width`` if set, else
+    ``vision_width * mim_decoder_scale`` rounded to a multiple of the heads (at least one head's width)."""
+    heads = cfg.mim_decoder_heads or cfg.vision_heads
+    if cfg.mim_decoder_width:
+        return cfg.mim_decoder_width, heads
+    return max(heads, round(cfg.vision_width * cfg.mim_decoder_scale / heads) * heads), heads
+
+
+def build_image_decoder(cfg, num_patches: int, patch_dim: int, text_width: int | None) -> "ImageDecoder":
+    """The image decoder a model config asks for (``cfg.mim_decoder_layers`` > 0)."""
+    width, heads = decoder_shape(cfg)
+    return ImageDecoder(num_patches=num_patches, encoder_width=cfg.vision_width, width=width,
+                        layers=cfg.mim_decoder_layers, heads=heads, patch_dim=patch_dim,
+                        text_width=text_width if cfg.mim_text else None, mlp_ratio=cfg.mlp_ratio,
+                        grad_checkpointing=cfg.grad_checkpointing, text_from=cfg.mim_text_from)
+
+
 class ImageDecoder(nn.Module):
     def __init__(self, num_patches: int, encoder_width: int, width: int, layers: int, heads: int,
                  patch_dim: int, text_width: int | None, mlp_ratio: float = 4.0,
