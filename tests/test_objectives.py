@@ -39,6 +39,50 @@ def test_caption_loss_shifts_and_ignores_pads():
     assert caption_loss(logits2, text, mask).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_token_cross_entropy_by_hand():
+    """Two rows over V=3, one ignored: loss = lse(x) - x[y]; gradient = softmax - onehot on the scored row."""
+    from finealign.objectives.token_ce import token_cross_entropy
+    x = torch.tensor([[[0.0, 1.0, 2.0], [5.0, 5.0, 5.0]]], requires_grad=True)
+    y = torch.tensor([[1, -100]])
+    lse = math.log(1 + math.e + math.e ** 2)
+    loss = token_cross_entropy(x, y)
+    assert loss.item() == pytest.approx(lse - 1.0, abs=1e-6)
+    loss.backward()
+    soft = [math.exp(v - lse) for v in (0.0, 1.0, 2.0)]
+    assert x.grad[0, 0].tolist() == pytest.approx([soft[0], soft[1] - 1, soft[2]], abs=1e-6)
+    assert x.grad[0, 1].tolist() == [0.0, 0.0, 0.0]
+    # label smoothing eps: (1 - eps) * nll + eps * (lse - mean x)
+    eps = 0.3
+    y2 = torch.tensor([[2, -100]])                                      # nll lse - 2, mean of x is 1
+    assert token_cross_entropy(x, y2, eps).item() == pytest.approx((1 - eps) * (lse - 2) + eps * (lse - 1), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_token_cross_entropy_equals_torch_in_value_and_gradient(dtype, eps):
+    from finealign.objectives.token_ce import token_cross_entropy
+    torch.manual_seed(0)
+    x = (torch.randn(4, 7, 50) * 3).to(dtype)
+    y = torch.randint(0, 50, (4, 7))
+    y[0, :3] = -100
+    y[2, -1] = -100
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = token_cross_entropy(a, y, eps, chunk_rows=3)                  # several chunks, a ragged last one
+    want = F.cross_entropy(b.float().reshape(-1, 50), y.reshape(-1), ignore_index=-100, label_smoothing=eps)
+    (got * 2).backward()
+    (want * 2).backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert a.grad.dtype == dtype
+    assert torch.allclose(a.grad.float(), b.grad.float(), atol=1e-7 if dtype == torch.float32 else 0)
+    xd = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
+    yd = torch.randint(0, 11, (3, 5))
+    yd[1] = -100
+    assert torch.autograd.gradcheck(lambda t: token_cross_entropy(t, yd, eps, chunk_rows=4), (xd,))
+    assert torch.isnan(token_cross_entropy(x, torch.full((4, 7), -100)))   # nothing scored: NaN, as torch
+    with pytest.raises(ValueError, match="disagree on the positions"):
+        token_cross_entropy(x, y[:, :-1])
+
+
 def _batch(B=4, T=6):
     text = torch.randint(3, 10, (B, T))
     text[:, 0] = 1

@@ -7,12 +7,12 @@ not targets.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import OBJECTIVES
 from ..types import Batch, Features
 from .base import Objective, StepContext, require
+from .token_ce import token_cross_entropy
 
 
 def prefix_lm_targets(ids: Tensor, mask: Tensor, prefix_len: int, start: int) -> Tensor:
@@ -33,7 +33,7 @@ class PrefixLM(Objective):
         logits = require(feats, "caption_logits", "prefix_lm")                  # (B, P+T, V)
         labels = prefix_lm_targets(feats.extras["lm_ids"], feats.extras["lm_mask"],
                                    int(feats.extras["prefix_len"]), int(feats.extras["lm_start"]))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = token_cross_entropy(logits, labels)
         with torch.no_grad():
             ok = labels != -100
             acc = (logits.argmax(-1)[ok] == labels[ok]).float().mean()
