@@ -52,6 +52,30 @@ def test_grouped_cross_attention_equals_repeated_memory():
     assert torch.allclose(y, ref, atol=1e-6) and w.shape == (12, 4, 2, 5)
 
 
+def test_low_precision_attention_is_opt_in_applied_everywhere_and_restores_the_global_flag():
+    from finealign.config import load_config
+    from finealign.models.factory import build_model
+    torch.manual_seed(0)
+    att = Attention(64, 4)
+    x = torch.randn(8, 33, 64)
+    with torch.no_grad():
+        ref = att(x)                                                   # fp32
+        xb, attb = x.bfloat16(), Attention(64, 4).bfloat16()
+        attb.load_state_dict({k: v.bfloat16() for k, v in att.state_dict().items()})
+        exact = attb(xb)                                               # bf16, scores/softmax upcast to fp32
+        attb.low_precision = True
+        low = attb(xb)                                                 # bf16 scores and softmax
+    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()   # restored after the call
+    assert not torch.equal(low, exact)                                 # the switch changes the kernel's math
+    err_exact, err_low = (exact.float() - ref).abs().max(), (low.float() - ref).abs().max()
+    assert err_low < 0.05 and err_exact < 0.05                         # both within bf16 rounding of fp32
+    on = build_model(load_config("albef", ["model.attn_low_precision=true"]).model, 64)
+    flags = [m.low_precision for m in on.modules() if isinstance(m, Attention)]
+    assert flags and all(flags) and on.teacher is not None             # every tower, the EMA teacher too
+    off = build_model(load_config("albef").model, 64)
+    assert not any(m.low_precision for m in off.modules() if isinstance(m, Attention))
+
+
 def test_generation_runs_exactly_max_new_tokens_when_eos_never_comes():
     from finealign.config import load_config
     from finealign.models.factory import build_model

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from ..config import ConfigError, ModelConfig
 from .coca import ContrastiveCaptioner
+from .layers import set_low_precision_attention
 
 
 def validate_model_config(cfg: ModelConfig, vocab_size: int) -> None:
@@ -37,11 +38,15 @@ def build_model(cfg: ModelConfig, vocab_size: int = 0, full=None, tokenizer=None
         if full is None or tokenizer is None:
             raise ValueError("model.arch=maccap is built from the whole config and the tokenizer")
         from ..zeroshot.maccap import MacCap
-        return MacCap(cfg, full.maccap, full.lm, tokenizer)
-    if cfg.arch == "fusion":
+        model = MacCap(cfg, full.maccap, full.lm, tokenizer)
+    elif cfg.arch == "fusion":
         from .albef import FusionModel
-        return FusionModel(cfg, vocab)
-    return ContrastiveCaptioner(cfg, vocab, pretrained=pretrained)
+        model = FusionModel(cfg, vocab)
+    else:
+        model = ContrastiveCaptioner(cfg, vocab, pretrained=pretrained)
+    if cfg.attn_low_precision:
+        set_low_precision_attention(model, True)
+    return model
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

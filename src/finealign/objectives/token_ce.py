@@ -74,10 +74,10 @@ class _TokenCrossEntropy(torch.autograd.Function):
         logits, labels, rows, lse = ctx.saved_tensors
         eps, chunk, n = ctx.smoothing, ctx.chunk, rows.numel()
         grad = torch.empty_like(logits)
-        if n < logits.shape[0]:
-            keep = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-            keep[rows] = False
-            grad[keep] = 0
+        if n < logits.shape[0]:                                            # unlabelled rows only
+            unscored = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+            unscored[rows] = False
+            grad.index_fill_(0, unscored.nonzero().squeeze(1), 0)
         scale = grad_out.to(lse.dtype) / n
         sel, w = _buffers(logits, min(chunk, n), lse.dtype)
         for s in range(0, n, chunk):
