@@ -12,15 +12,15 @@ from torch import Tensor
 from ..registry import OBJECTIVES
 from ..types import Batch, Features
 from .base import Objective, StepContext, require
-from .token_ce import token_cross_entropy
+from .token_ce import IGNORE, token_cross_entropy
 
 
 def prefix_lm_targets(ids: Tensor, mask: Tensor, prefix_len: int, start: int) -> Tensor:
     """(B, T) caption ids -> labels (B, P+T) aligned with the LM logits; -100 where nothing is predicted."""
     B, T = ids.shape
-    labels = torch.full((B, prefix_len + T), -100, dtype=torch.long, device=ids.device)
-    tgt = ids.masked_fill(~mask.bool(), -100)
-    tgt[:, :start] = -100
+    labels = torch.full((B, prefix_len + T), IGNORE, dtype=torch.long, device=ids.device)
+    tgt = ids.masked_fill(~mask.bool(), IGNORE)
+    tgt[:, :start] = IGNORE
     labels[:, prefix_len - 1: prefix_len - 1 + T] = tgt                     # position P+t-1 predicts ids[t]
     return labels
 
@@ -35,6 +35,6 @@ class PrefixLM(Objective):
                                    int(feats.extras["prefix_len"]), int(feats.extras["lm_start"]))
         loss = token_cross_entropy(logits, labels)
         with torch.no_grad():
-            ok = labels != -100
+            ok = labels != IGNORE
             acc = (logits.argmax(-1)[ok] == labels[ok]).float().mean()
         return {"loss": loss, "acc": acc}

@@ -23,7 +23,7 @@ from torch import Tensor
 __all__ = ["token_cross_entropy", "IGNORE"]
 
 IGNORE = -100
-CHUNK_ELEMENTS = {"cpu": 1 << 21}    # fp32 elements per chunk: ~8 MB on CPU (cache-sized buffers)
+CPU_CHUNK_ELEMENTS = 1 << 21         # fp32 elements per chunk: ~8 MB on CPU (cache-sized buffers)
 GPU_CHUNK_ELEMENTS = 1 << 25         # ~128 MB elsewhere: fewer, larger kernels
 
 
@@ -76,10 +76,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
         logits, labels, rows, lse = ctx.saved_tensors
         eps, chunk, n = ctx.smoothing, ctx.chunk, rows.numel()
         grad = torch.empty_like(logits)
-        if n < logits.shape[0]:                                            # unlabelled rows only
-            unscored = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-            unscored[rows] = False
-            grad.index_fill_(0, unscored.nonzero().squeeze(1), 0)
+        grad.index_fill_(0, (labels == IGNORE).nonzero().squeeze(1), 0)   # unlabelled rows only
         scale = grad_out.to(lse.dtype) / n
         sel, w = _buffers(logits, min(chunk, n), lse.dtype)
         for s in range(0, n, chunk):
@@ -109,5 +106,6 @@ def token_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float =
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     V = logits.shape[-1]
-    chunk = chunk_rows or max(1, CHUNK_ELEMENTS.get(logits.device.type, GPU_CHUNK_ELEMENTS) // V)
+    budget = CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    chunk = chunk_rows or max(1, budget // V)
     return _TokenCrossEntropy.apply(logits.reshape(-1, V), labels.reshape(-1), float(label_smoothing), chunk)
