@@ -50,6 +50,9 @@ def run_finealign(recipe, preset, batch, bf16, steps, warmup, overrides=(), devi
     from finealign.train.optim import build_optimizer
     from finealign.train.parallel import compile_blocks
     cfg = load_config(recipe, [f"model.preset={preset}", f"data.batch_size={batch}", *overrides])
+    if cfg.train.retain_host_memory:               # as the Trainer does
+        from finealign.train.host_memory import retain_freed_memory
+        retain_freed_memory()
     vocab = cfg.model.vocab_size or 8192
     model = build_model(cfg.model, vocab).to(device)
     if cfg.train.compile:

@@ -208,6 +208,7 @@ class TrainConfig:
     eval_every: int = 0              # retrieval on the val split every N steps (0 = off)
     deterministic: bool = False      # torch.use_deterministic_algorithms
     threads: int = 0                 # torch.set_num_threads (0 = leave as is)
+    retain_host_memory: bool = True  # keep freed host memory for reuse: no per-step page faults (glibc)
     compile: bool = False            # torch.compile every transformer block (measured: docs/performance.md)
     # multi-process (torchrun): data.batch_size is the global batch; see docs/scaling.md
     strategy: str = "ddp"            # ddp | fsdp (FSDP2: parameters, gradients, optimizer state sharded)

@@ -34,6 +34,7 @@ from .gather import StepGather, micro_bounds
 from .logging import MetricLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .parallel import FSDP_OPTIM, Engine, compile_blocks
+from .host_memory import retain_freed_memory
 from .refresh import refresh_sampler
 from .setup import build_tokenizer, build_train_loader, make_run_dir, pick_device, rank_zero_first
 
@@ -49,6 +50,8 @@ class Trainer:
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        if tc.retain_host_memory:
+            retain_freed_memory()
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(tc.seed)                 # the same on every rank: identical initial weights
