@@ -52,7 +52,9 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
 def test_user_malloc_environment_is_left_alone():
     applied, faults = _probe(True, {"MALLOC_MMAP_THRESHOLD_": str(1 << 30)})
     assert applied == "False"
-    assert faults >= 5 * PAGES                      # no mmap, but glibc still trims the heap: not tuned
+    # no mmap, but glibc still trims the heap: most steps fault the logits in again (a tuned process faults
+    # at most one such block in 5 steps, above)
+    assert faults >= 2 * PAGES
 
 
 def test_the_trainer_tunes_malloc_unless_told_not_to(tmp_path, monkeypatch):
