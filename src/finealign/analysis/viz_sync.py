@@ -44,9 +44,11 @@ def sync_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
     tokens = [(tokenizer.decode([int(ids[0, i])]).strip() or "·", i in chosen) for i in real]
     out = {"attention": heat.reshape(g, g), "mim": mim, "tokens": tokens, "grid": g, "patch": p}
     if getattr(model, "image_decoder", None) is not None:
-        from ..masking.text import corrupt_tokens
-        masked_text = corrupt_tokens(ids, positions, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-                                     special_ids=tokenizer.special_ids, replace_ratio=(1.0, 0.0, 0.0))
+        masked_text = ids                                                         # SemMIM: no word is masked
+        if len(positions):
+            from ..masking.text import corrupt_tokens
+            masked_text = corrupt_tokens(ids, positions, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                                         special_ids=tokenizer.special_ids, replace_ratio=(1.0, 0.0, 0.0))
         extras = model.heads(feats, batch, {"mim": mim, "mlm": (masked_text, positions)},
                              needs={"mim_pred"}).extras
         pred = extras["mim_pred"][0]                                              # (M, 3p²) or (M, K)
