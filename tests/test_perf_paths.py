@@ -1,6 +1,8 @@
 """The optimised inference paths give exactly what the plain ones give: the preallocated KV cache and
 grouped cross-attention of cached beam search, and the one-product retrieval ranks (against the
 bool-mask reference, with many exact ties)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,7 @@ def test_grouped_cross_attention_equals_repeated_memory():
     assert torch.allclose(y, ref, atol=1e-6) and w.shape == (12, 4, 2, 5)
 
 
-def test_low_precision_attention_is_opt_in_applied_everywhere_and_restores_the_global_flag():
+def test_low_precision_attention_is_opt_in_applied_everywhere_and_leaves_torch_flags_alone():
     from finealign.config import load_config
     from finealign.models.factory import build_model
     torch.manual_seed(0)
@@ -65,8 +67,8 @@ def test_low_precision_attention_is_opt_in_applied_everywhere_and_restores_the_g
         exact = attb(xb)                                               # bf16, scores/softmax upcast to fp32
         attb.low_precision = True
         low = attb(xb)                                                 # bf16 scores and softmax
-    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()   # restored after the call
-    assert not torch.equal(low, exact)                                 # the switch changes the kernel's math
+    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()   # no global switch involved
+    assert not torch.equal(low, exact)                                 # the switch changes the math
     err_exact, err_low = (exact.float() - ref).abs().max(), (low.float() - ref).abs().max()
     assert err_low < 0.05 and err_exact < 0.05                         # both within bf16 rounding of fp32
     on = build_model(load_config("albef", ["model.attn_low_precision=true"]).model, 64)
@@ -74,6 +76,25 @@ def test_low_precision_attention_is_opt_in_applied_everywhere_and_restores_the_g
     assert flags and all(flags) and on.teacher is not None             # every tower, the EMA teacher too
     off = build_model(load_config("albef").model, 64)
     assert not any(m.low_precision for m in off.modules() if isinstance(m, Attention))
+
+
+def test_half_attention_against_its_definition_with_causal_and_padding_masks():
+    """softmax(q k^T / sqrt(d)) v in fp64 as the reference; a query row whose keys are all masked gives 0."""
+    from finealign.models.layers import _half_attention
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=g) for _ in range(3))
+    keep = torch.rand(2, 1, 6, 6, generator=g) > 0.3
+    keep[1, 0, 4] = False                                              # query 4 of sample 1 sees nothing
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    for mask, is_causal, want_mask in ((None, False, None), (None, True, causal), (keep, False, keep)):
+        s = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(8)
+        if want_mask is not None:
+            s = s.masked_fill(~want_mask, float("-inf"))
+        want = (s.softmax(-1).nan_to_num(0.0) @ v.double())
+        got = _half_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, is_causal)
+        assert got.dtype == torch.bfloat16 and torch.allclose(got.double(), want, atol=0.06), (mask is None, is_causal)
+        assert torch.isfinite(got).all()
+    assert _half_attention(q, k, v, keep, False)[1, :, 4].abs().max() == 0
 
 
 def test_generation_runs_exactly_max_new_tokens_when_eos_never_comes():

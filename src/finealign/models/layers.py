@@ -5,7 +5,6 @@ when the caller asks for the attention weights (e.g. MacCap's cls->patch salienc
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -116,19 +115,20 @@ def step_mask(q_len: int, start_pos: int, device: torch.device) -> Tensor | None
     return k_pos <= q_pos                                            # (t, L) True = may attend
 
 
-@contextlib.contextmanager
-def _half_reduction(enabled: bool):
-    """Let the math SDPA kernel keep bf16/fp16 inputs in that precision (PyTorch upcasts them to fp32 by
-    default); the previous global setting is restored on exit."""
-    if not enabled:
-        yield
-        return
-    before = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
-    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(before)
+def _half_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v with the scores and softmax kept in q's (half) precision: what PyTorch's
+    math SDPA kernel computes under ``allow_fp16_bf16_reduction_math_sdp``, without flipping that
+    process-global flag. mask: bool, True = may attend; a row with no allowed key gives 0, as SDPA."""
+    L, S = q.shape[-2], k.shape[-2]
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)          # (..., L, S) half
+    if is_causal:
+        mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    att = scores.softmax(dim=-1)
+    if mask is not None and not bool(mask.any(-1).all()):                      # CPU only: no device sync
+        att = att.nan_to_num(0.0)                                               # fully masked rows: 0, not NaN
+    return att @ v
 
 
 def set_low_precision_attention(model: nn.Module, enabled: bool) -> None:
@@ -200,9 +200,12 @@ class Attention(nn.Module):
         elif q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # CPU, half precision: PyTorch's flash kernel is 2-2.6x slower (forward + backward) than the math
             # kernel at these sequence lengths (benchmarks/attention.py); fp32 and CUDA keep the default choice.
-            # The math kernel upcasts to fp32 unless low_precision (1.6-1.9x faster, ~3x the rounding error)
-            with sdpa_kernel(SDPBackend.MATH), _half_reduction(self.low_precision):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+            # The math kernel upcasts to fp32; low_precision keeps half precision (1.9-2.7x faster, ~1.5x the error)
+            if self.low_precision:
+                y = _half_attention(q, k, v, mask, is_causal and mask is None)
+            else:
+                with sdpa_kernel(SDPBackend.MATH):
+                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         if g > 1:                                                                  # (Bm, H, g*L, Dh)
