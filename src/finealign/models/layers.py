@@ -115,17 +115,22 @@ def step_mask(q_len: int, start_pos: int, device: torch.device) -> Tensor | None
     return k_pos <= q_pos                                            # (t, L) True = may attend
 
 
+def _attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor | None]:
+    """softmax(q k^T / sqrt(d)) written out, in q's dtype, and the bool mask it applied (True = may attend;
+    ``is_causal`` applies the top-left causal mask instead of ``mask``)."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))              # (..., L, S)
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    return att.softmax(dim=-1), mask
+
+
 def _half_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
     """softmax(q k^T / sqrt(d)) v with the scores and softmax kept in q's (half) precision: what PyTorch's
     math SDPA kernel computes under ``allow_fp16_bf16_reduction_math_sdp``, without flipping that
     process-global flag. mask: bool, True = may attend; a row with no allowed key gives 0, as SDPA."""
-    L, S = q.shape[-2], k.shape[-2]
-    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)          # (..., L, S) half
-    if is_causal:
-        mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    att = scores.softmax(dim=-1)
+    att, mask = _attention_weights(q, k, mask, is_causal)
     if mask is not None and not bool(mask.any(-1).all()):                      # CPU only: no device sync
         att = att.nan_to_num(0.0)                                               # fully masked rows: 0, not NaN
     return att @ v
@@ -190,12 +195,7 @@ class Attention(nn.Module):
                 g = B // Bm
                 q = q.reshape(Bm, g, H, L, Dh).transpose(1, 2).reshape(Bm, H, g * L, Dh)
         if need_weights:  # explicit softmax(q k^T / sqrt(d)) v, only on request
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(Dh))              # (B, H, L, S)
-            if is_causal:
-                mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril()
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
-            att = att.softmax(dim=-1)
+            att, _ = _attention_weights(q, k, mask, is_causal)                  # (B, H, L, S)
             y = att.to(v.dtype) @ v
         elif q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # CPU, half precision: PyTorch's flash kernel is 2-2.6x slower (forward + backward) than the math
