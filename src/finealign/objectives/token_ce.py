@@ -30,30 +30,30 @@ CPU_CHUNK_ELEMENTS = 1 << 21         # fp32 elements per chunk: ~8 MB on CPU (ca
 GPU_CHUNK_ELEMENTS = 1 << 25         # ~128 MB elsewhere: fewer, larger kernels
 
 
-def _plan(labels: Tensor, chunk: int) -> tuple[Tensor, list[int], list[Tensor]]:
-    """Where the labels say what to score: the mask of scored rows, the starts of the row chunks that
-    score at least one row, and each such chunk's unscored rows (chunk-relative). One host sync."""
+def _plan(labels: Tensor, chunk: int) -> tuple[Tensor, dict[int, Tensor]]:
+    """Where the labels say what to score: the mask of scored rows, and for every row chunk that scores
+    at least one row, its start -> its unscored rows (chunk-relative). One host sync."""
     N = labels.numel()
     valid = labels != IGNORE
     starts = list(range(0, N, chunk))
     unscored = (~valid).nonzero().squeeze(1)
     cut = torch.searchsorted(unscored, torch.tensor(starts + [N], device=labels.device)).tolist()
-    live = [(s, unscored[cut[i]: cut[i + 1]] - s) for i, s in enumerate(starts)
-            if cut[i + 1] - cut[i] < min(chunk, N - s)]
-    return valid, [s for s, _ in live], [u for _, u in live]
+    live = {s: unscored[cut[i]: cut[i + 1]] - s for i, s in enumerate(starts)
+            if cut[i + 1] - cut[i] < min(chunk, N - s)}
+    return valid, live
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, smoothing: float, chunk: int) -> Tensor:
         N, V = logits.shape
-        valid, starts, unscored = _plan(labels, chunk)
+        valid, live = _plan(labels, chunk)
         targets = labels.masked_fill(~valid, 0)                            # any index for unscored rows
         work = torch.promote_types(logits.dtype, torch.float32)
         w = logits.new_empty(min(chunk, N), V, dtype=work)                 # reused: cache-sized, no page faults
         lse = logits.new_zeros(N, dtype=work)
         total = torch.zeros((), dtype=work, device=logits.device)
-        for s in starts:
+        for s in live:
             e = min(s + chunk, N)
             x = w[: e - s].copy_(logits[s:e])                              # (c, V) in the working dtype
             target = x.gather(1, targets[s:e, None]).squeeze(1)
@@ -66,7 +66,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
                 nll = (1 - smoothing) * nll + smoothing * (lse_c - mean)
             total += torch.where(valid[s:e], nll, 0).sum()
         ctx.save_for_backward(logits, targets, valid, lse)
-        ctx.smoothing, ctx.chunk, ctx.starts, ctx.unscored = smoothing, chunk, starts, unscored
+        ctx.smoothing, ctx.chunk, ctx.live = smoothing, chunk, live
         return total / valid.sum()                                         # 0/0 = NaN, as F.cross_entropy
 
     @staticmethod
@@ -79,7 +79,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
         scale = grad_out.to(lse.dtype) / valid.sum()
         in_place = logits.dtype == lse.dtype                              # fp32: work in the gradient itself
         w = None if in_place else logits.new_empty(min(chunk, N), V, dtype=lse.dtype)
-        live = dict(zip(ctx.starts, ctx.unscored))
+        live = ctx.live
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             if s not in live:                                              # nothing scored in these rows
