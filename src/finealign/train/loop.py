@@ -31,10 +31,10 @@ from ..types import Batch
 from . import checkpoint as ckpt
 from .faults import NonFiniteGuard, NonFiniteLossError, blame_gradient, nonfinite_params
 from .gather import StepGather, micro_bounds
+from .host_memory import retain_freed_memory
 from .logging import MetricLogger, NullLogger
 from .optim import build_optimizer, build_scheduler
 from .parallel import FSDP_OPTIM, Engine, compile_blocks
-from .host_memory import retain_freed_memory
 from .refresh import refresh_sampler
 from .setup import build_tokenizer, build_train_loader, make_run_dir, pick_device, rank_zero_first
 
