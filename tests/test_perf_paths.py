@@ -80,7 +80,7 @@ def test_low_precision_attention_is_opt_in_applied_everywhere_and_leaves_torch_f
 
 def test_half_attention_against_its_definition_with_causal_and_padding_masks():
     """softmax(q k^T / sqrt(d)) v in fp64 as the reference; a query row whose keys are all masked gives 0."""
-    from finealign.models.layers import _half_attention
+    from finealign.models.half_attention import half_attention as _half_attention
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, 6, 8, generator=g) for _ in range(3))
     keep = torch.rand(2, 1, 6, 6, generator=g) > 0.3

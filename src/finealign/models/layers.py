@@ -1,18 +1,18 @@
 """Transformer building blocks shared by every tower: attention, MLP, pre-LN block, KV cache.
 
-All attention goes through ``F.scaled_dot_product_attention``; the explicit softmax path is only taken
-when the caller asks for the attention weights (e.g. MacCap's cls->patch saliency).
+Attention goes through ``F.scaled_dot_product_attention``, except in half precision on CPU (half_attention.py);
+the explicit softmax path is only taken when the caller asks for the attention weights (e.g. MacCap's
+cls->patch saliency).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from .half_attention import attention_weights, fp32_softmax_attention, half_attention
 
 
 class KVCache:
@@ -115,27 +115,6 @@ def step_mask(q_len: int, start_pos: int, device: torch.device) -> Tensor | None
     return k_pos <= q_pos                                            # (t, L) True = may attend
 
 
-def _attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor | None]:
-    """softmax(q k^T / sqrt(d)) written out, in q's dtype, and the bool mask it applied (True = may attend;
-    ``is_causal`` applies the top-left causal mask instead of ``mask``)."""
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))              # (..., L, S)
-    if is_causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
-    return att.softmax(dim=-1), mask
-
-
-def _half_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v with the scores and softmax kept in q's (half) precision: what PyTorch's
-    math SDPA kernel computes under ``allow_fp16_bf16_reduction_math_sdp``, without flipping that
-    process-global flag. mask: bool, True = may attend; a row with no allowed key gives 0, as SDPA."""
-    att, mask = _attention_weights(q, k, mask, is_causal)
-    if mask is not None and not bool(mask.any(-1).all()):                      # CPU only: no device sync
-        att = att.nan_to_num(0.0)                                               # fully masked rows: 0, not NaN
-    return att @ v
-
-
 def set_low_precision_attention(model: nn.Module, enabled: bool) -> None:
     """``model.attn_low_precision``: every ``Attention`` of ``model`` computes CPU half-precision
     attention scores and softmax in that precision instead of fp32."""
@@ -195,17 +174,14 @@ class Attention(nn.Module):
                 g = B // Bm
                 q = q.reshape(Bm, g, H, L, Dh).transpose(1, 2).reshape(Bm, H, g * L, Dh)
         if need_weights:  # explicit softmax(q k^T / sqrt(d)) v, only on request
-            att, _ = _attention_weights(q, k, mask, is_causal)                  # (B, H, L, S)
+            att, _ = attention_weights(q, k, mask, is_causal)                  # (B, H, L, S)
             y = att.to(v.dtype) @ v
         elif q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-            # CPU, half precision: PyTorch's flash kernel is 2-2.6x slower (forward + backward) than the math
-            # kernel at these sequence lengths (benchmarks/attention.py); fp32 and CUDA keep the default choice.
-            # The math kernel upcasts to fp32; low_precision keeps half precision (1.9-2.7x faster, ~1.5x the error)
-            if self.low_precision:
-                y = _half_attention(q, k, v, mask, is_causal and mask is None)
-            else:
-                with sdpa_kernel(SDPBackend.MATH):
-                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+            # CPU, half precision: PyTorch's flash kernel is 2-3x slower (forward + backward) than its math kernel
+            # at these lengths, and the math kernel keeps fp32 copies of q, k, v and the weights for backward
+            # (benchmarks/attention.py); see half_attention.py. fp32 and CUDA keep PyTorch's choice.
+            attend = half_attention if self.low_precision else fp32_softmax_attention
+            y = attend(q, k, v, mask, is_causal and mask is None)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         if g > 1:                                                                  # (Bm, H, g*L, Dh)
