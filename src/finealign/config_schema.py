@@ -66,8 +66,8 @@ class ModelConfig:
     init_temperature: float = 0.07   # ITC temperature at init (logit scale = 1/τ, clamped to 100)
     grad_checkpointing: bool = False  # recompute block activations in backward
     attn_low_precision: bool = False  # CPU bf16 attention: scores and softmax in bf16 instead of fp32 (the
-                                     # math kernel's upcast): 1.9-2.7x faster attention, ~1.4-1.5x its error against
-                                     # fp64 (benchmarks/attention.py)
+                                     # default fp32_softmax_attention): 1.7-2.1x faster attention, 1.2-1.3x its
+                                     # output error against fp64 (benchmarks/attention.py)
     # towers' layer options (Hugging Face CLIP import sets them; the defaults are finealign's own layers)
     act: str = "gelu"                # vision/text tower MLP activation: gelu | quick_gelu (OpenAI CLIP) | gelu_tanh
     vision_ln_pre: bool = False      # LayerNorm on the ViT tokens before the first block (CLIP's ln_pre)
