@@ -117,3 +117,20 @@ def test_attention_module_runs_it_in_bf16_on_cpu_and_half_attention_when_asked()
         assert torch.equal(att(x, is_causal=True), want)
         att.low_precision = True
         assert not torch.equal(att(x, is_causal=True), want)
+
+
+def test_traces_as_one_graph_for_torch_compile():
+    """``train.compile`` compiles each block: the half-precision path has no data-dependent branch, so dynamo
+    captures a block with causal or padding masks whole (backend="eager": tracing only, no code generation)."""
+    import torch._dynamo
+    from finealign.models.layers import Block
+    torch.manual_seed(0)
+    block = Block(32, 4)
+    x = torch.randn(2, 5, 32)
+    pad = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    pad[1, ..., 3:] = False
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for kw in ({"is_causal": True}, {"mask": pad}):
+            assert torch.equal(compiled(x, **kw), block(x, **kw))

@@ -21,29 +21,24 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor | None]:
-    """softmax(q k^T / sqrt(d)) written out, in q's dtype, and the bool mask it applied."""
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(d)) written out, in q's dtype (a query with no key: NaN)."""
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))              # (..., L, S)
-    mask = _causal(q, k) if is_causal else mask
-    if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
-    return att.softmax(dim=-1), mask
+    if is_causal or mask is not None:
+        att = att.masked_fill(~(_causal(q, k) if is_causal else mask), float("-inf"))
+    return att.softmax(dim=-1)
 
 
 def _causal(q: Tensor, k: Tensor) -> Tensor:
     return torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
 
 
-def _has_empty_rows(mask: Tensor | None) -> bool:
-    return mask is not None and not bool(mask.any(-1).all())                     # CPU only: no device sync
-
-
 def half_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
     """softmax(q k^T / sqrt(d)) v with the scores and softmax kept in q's (half) precision: what PyTorch's
     math SDPA kernel computes under ``allow_fp16_bf16_reduction_math_sdp``, without that process-global flag."""
-    att, mask = attention_weights(q, k, mask, is_causal)
-    if _has_empty_rows(mask):
-        att = att.nan_to_num(0.0)                                                 # fully masked rows: 0, not NaN
+    att = attention_weights(q, k, mask, is_causal)
+    if mask is not None and not is_causal:
+        att = att.nan_to_num(0.0)                          # a query with no key: 0, not NaN (no data-dependent branch)
     return att @ v
 
 
@@ -58,12 +53,11 @@ class _FP32SoftmaxAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             scale = 1.0 / math.sqrt(q.shape[-1])
             scores = torch.matmul(_fp32(q), _fp32(k).transpose(-2, -1)).mul_(scale)   # (..., L, S)
-            mask = _causal(q, k) if is_causal else mask
-            if mask is not None:
-                scores.masked_fill_(~mask, float("-inf"))
+            if is_causal or mask is not None:
+                scores.masked_fill_(~(_causal(q, k) if is_causal else mask), float("-inf"))
             probs = torch.softmax(scores, dim=-1)
-            if _has_empty_rows(mask):
-                probs.nan_to_num_(0.0)
+            if mask is not None and not is_causal:
+                probs.nan_to_num_(0.0)                     # a query with no key: 0, not NaN (no data-dependent branch)
             out = torch.matmul(probs, _fp32(v)).to(q.dtype)
             probs = probs.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, probs)

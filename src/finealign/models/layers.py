@@ -174,7 +174,7 @@ class Attention(nn.Module):
                 g = B // Bm
                 q = q.reshape(Bm, g, H, L, Dh).transpose(1, 2).reshape(Bm, H, g * L, Dh)
         if need_weights:  # explicit softmax(q k^T / sqrt(d)) v, only on request
-            att, _ = attention_weights(q, k, mask, is_causal)                  # (B, H, L, S)
+            att = attention_weights(q, k, mask, is_causal)                     # (B, H, L, S)
             y = att.to(v.dtype) @ v
         elif q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # CPU, half precision: PyTorch's flash kernel is 2-3x slower (forward + backward) than its math kernel
