@@ -1,13 +1,14 @@
 """CPU half-precision attention (models/half_attention.py): ``fp32_softmax_attention`` computes the math
-kernel's fp32 forward, gets gradients right against fp64, keeps no fp32 tensor for backward, ignores
-autocast, and is what ``Attention`` runs in bf16 on CPU."""
+kernel's fp32 forward, gets gradients right against fp64 (as does ``half_attention``), keeps no fp32 tensor
+for backward, ignores autocast, is what ``Attention`` runs in bf16 on CPU, and traces as one graph."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from finealign.models.half_attention import fp32_softmax_attention
+from finealign.models.half_attention import fp32_softmax_attention, half_attention
 from finealign.models.layers import Attention
 
 
@@ -49,14 +50,15 @@ def test_forward_is_the_fp32_computation_rounded_once():
     assert ((math_out - ours).abs() <= math_out.abs() * 2.0 ** -7).all()
 
 
-def test_gradients_against_fp64_autograd_and_fully_masked_rows_get_none():
+@pytest.mark.parametrize("attend", [fp32_softmax_attention, half_attention])
+def test_gradients_against_fp64_autograd_and_fully_masked_rows_get_none(attend):
     base = _inputs(seed=1)
     grad = torch.randn(base[0].shape, generator=torch.Generator().manual_seed(2))
     for mask, causal in _masks():
         ref_in = [t.double().requires_grad_() for t in base]
         _reference(*ref_in, mask, causal).backward(grad.double())
         ins = [t.bfloat16().requires_grad_() for t in base]
-        out = fp32_softmax_attention(*ins, mask, causal)
+        out = attend(*ins, mask, causal)
         out.backward(grad.bfloat16())
         for name, t, r in zip("qkv", ins, ref_in):
             assert t.grad.dtype == torch.bfloat16
