@@ -50,9 +50,10 @@ def _fp32(t: Tensor) -> Tensor:
 class _FP32SoftmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-        # contiguous copies of the (permuted) projections, saved instead of them: the conversions below and the
-        # backward's products then read them directly (3-9% faster per call), and the projections are freed
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if any(ctx.needs_input_grad[:3]):
+            # contiguous copies of the (permuted) projections, saved instead of them: the conversions below and the
+            # backward's products then read them directly (3-9% faster per call), and the projections are freed
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with torch.autocast(q.device.type, enabled=False):
             scale = 1.0 / math.sqrt(q.shape[-1])
             scores = torch.matmul(_fp32(q), _fp32(k).transpose(-2, -1)).mul_(scale)   # (..., L, S)
