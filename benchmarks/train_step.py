@@ -4,7 +4,8 @@
     python benchmarks/train_step.py --preset bench-tiny --recipe coca --recipe sycoca   # side by side
     python benchmarks/train_step.py --preset bench-tiny --recipe coca --sweep model.image_size=64,96,128
 
-MFU = FLOPs of one step (counted with ``torch.utils.flop_counter.FlopCounterMode``) / step time / the
+MFU = FLOPs of one step (counted with ``torch.utils.flop_counter.FlopCounterMode``; PyTorch's CPU flash
+attention, which it does not count, with the formulas it uses for its CUDA kernel) / step time / the
 matmul peak measured in the same run (median of square matmuls in the step's precision, in a child
 process like every configuration). ``--sweep KEY=v1,v2,...`` times one recipe at each value (one table:
 how cost grows with image size, sequence length or width).
@@ -136,11 +137,33 @@ def matmul_peak(bf16, device="cpu", n=None, reps=10):
     return {"tflops": 2 * n ** 3 / statistics.median(times) / 1e12, "n": n}
 
 
+def _count_cpu_flash_attention() -> None:
+    """FlopCounterMode has formulas for PyTorch's CUDA attention kernels but not for its CPU flash kernel
+    (torch 2.13: a CPU SDPA call counts 0), which fp32 attention on CPU uses in finealign and open_clip alike.
+    Register the formulas PyTorch uses for the CUDA flash kernel (backward counts the recomputed scores), so
+    that every attention call is counted; finealign's own CPU half-precision attention is plain matmuls."""
+    import torch
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    if getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None) is None \
+            or aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query, key, value)
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
 def _time(step, steps, warmup, batch, device="cpu"):
-    """Median step time; FLOPs of one step (FlopCounterMode); peak memory = peak RSS on CPU, peak
-    allocated CUDA memory on GPU."""
+    """Median step time; FLOPs of one step (FlopCounterMode, CPU flash attention included); peak memory =
+    peak RSS on CPU, peak allocated CUDA memory on GPU."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+    _count_cpu_flash_attention()
     cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with FlopCounterMode(display=False) as fc:
