@@ -50,6 +50,18 @@ def test_forward_is_the_fp32_computation_rounded_once():
     assert ((math_out - ours).abs() <= math_out.abs() * 2.0 ** -7).all()
 
 
+def test_half_attention_against_its_definition_with_causal_and_padding_masks():
+    """fp64 reference on the unrounded inputs; a query whose keys are all masked gives 0."""
+    base = _inputs(seed=3)
+    for mask, causal in _masks():
+        want = _reference(*(t.double() for t in base), mask, causal)
+        got = half_attention(*(t.bfloat16() for t in base), mask, causal)
+        assert got.dtype == torch.bfloat16 and torch.allclose(got.double(), want, atol=0.06), (mask is None, causal)
+        assert torch.isfinite(got).all()
+    pad = _masks()[2][0]
+    assert half_attention(*base, pad, False)[1, :, 4].abs().max() == 0
+
+
 @pytest.mark.parametrize("attend", [fp32_softmax_attention, half_attention])
 def test_gradients_against_fp64_autograd_and_fully_masked_rows_get_none(attend):
     base = _inputs(seed=1)

@@ -1,8 +1,6 @@
 """The optimised inference paths give exactly what the plain ones give: the preallocated KV cache and
 grouped cross-attention of cached beam search, and the one-product retrieval ranks (against the
 bool-mask reference, with many exact ties)."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,25 +74,6 @@ def test_low_precision_attention_is_opt_in_applied_everywhere_and_leaves_torch_f
     assert flags and all(flags) and on.teacher is not None             # every tower, the EMA teacher too
     off = build_model(load_config("albef").model, 64)
     assert not any(m.low_precision for m in off.modules() if isinstance(m, Attention))
-
-
-def test_half_attention_against_its_definition_with_causal_and_padding_masks():
-    """softmax(q k^T / sqrt(d)) v in fp64 as the reference; a query row whose keys are all masked gives 0."""
-    from finealign.models.half_attention import half_attention as _half_attention
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 3, 6, 8, generator=g) for _ in range(3))
-    keep = torch.rand(2, 1, 6, 6, generator=g) > 0.3
-    keep[1, 0, 4] = False                                              # query 4 of sample 1 sees nothing
-    causal = torch.ones(6, 6, dtype=torch.bool).tril()
-    for mask, is_causal, want_mask in ((None, False, None), (None, True, causal), (keep, False, keep)):
-        s = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(8)
-        if want_mask is not None:
-            s = s.masked_fill(~want_mask, float("-inf"))
-        want = (s.softmax(-1).nan_to_num(0.0) @ v.double())
-        got = _half_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, is_causal)
-        assert got.dtype == torch.bfloat16 and torch.allclose(got.double(), want, atol=0.06), (mask is None, is_causal)
-        assert torch.isfinite(got).all()
-    assert _half_attention(q, k, v, keep, False)[1, :, 4].abs().max() == 0
 
 
 def test_generation_runs_exactly_max_new_tokens_when_eos_never_comes():

@@ -24,13 +24,18 @@ from torch.autograd.function import once_differentiable
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
     """softmax(q k^T / sqrt(d)) written out, in q's dtype (a query with no key: NaN)."""
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))              # (..., L, S)
-    if is_causal or mask is not None:
-        att = att.masked_fill(~(_causal(q, k) if is_causal else mask), float("-inf"))
+    allowed = _allowed(q, k, mask, is_causal)
+    if allowed is not None:
+        att = att.masked_fill(~allowed, float("-inf"))
     return att.softmax(dim=-1)
 
 
-def _causal(q: Tensor, k: Tensor) -> Tensor:
-    return torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+def _allowed(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor | None:
+    """The keys each query may attend to (bool, True = may), or None for all: the top-left causal mask when
+    ``is_causal``, else ``mask``."""
+    if is_causal:
+        return torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    return mask
 
 
 def half_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
@@ -57,8 +62,9 @@ class _FP32SoftmaxAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             scale = 1.0 / math.sqrt(q.shape[-1])
             scores = torch.matmul(_fp32(q), _fp32(k).transpose(-2, -1)).mul_(scale)   # (..., L, S)
-            if is_causal or mask is not None:
-                scores.masked_fill_(~(_causal(q, k) if is_causal else mask), float("-inf"))
+            allowed = _allowed(q, k, mask, is_causal)
+            if allowed is not None:
+                scores.masked_fill_(~allowed, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             if mask is not None and not is_causal:
                 probs.nan_to_num_(0.0)                     # a query with no key: 0, not NaN (no data-dependent branch)
