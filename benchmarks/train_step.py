@@ -74,13 +74,22 @@ def run_finealign(recipe, preset, batch, bf16, steps, warmup, overrides=(), devi
     def step():
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             feats = pipeline(b)
+            _mark("forward")
             loss = sum(o.weight * o(feats, b, ctx)["loss"] for o in objectives.values())
+            _mark("objectives")
         loss.backward()
+        _mark("backward")
         opt.step()
+        _mark("optimizer")
         if hasattr(model, "momentum_update"):      # EMA teachers, as the trainer does after each step
             model.momentum_update()
+            _mark("EMA update")
         opt.zero_grad(set_to_none=True)
     return _time(step, steps, warmup, batch, device)
+
+
+def _mark(phase: str) -> None:
+    """End of a phase of ``run_finealign``'s step (a no-op; ``profile_step.py --phases`` replaces it)."""
 
 
 def run_open_clip(preset, batch, bf16, steps, warmup, device="cpu"):
