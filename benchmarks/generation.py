@@ -12,6 +12,7 @@ calls alternate inside one process, ``--repeats`` times; the median is reported,
 are checked to be identical. "image encoding" (the ViT + pooler pass both paths start with) is timed on
 its own in the same rounds; "decoding speed-up" leaves it out of both times.
 
+    python benchmarks/generation.py --preset bench-tiny --batch 1 --dtype bfloat16    # weights and images in bf16
     python benchmarks/generation.py --cached-only --src /tmp/old/src    # another source tree (A/B)
     python benchmarks/generation.py --profile --preset bench-tiny --batch 64 --strategy beam   # torch.profiler
 """
@@ -29,7 +30,7 @@ import torch
 BOS, PAD = 1, 0
 
 
-def build(preset: str, new_tokens: int, vocab: int, seed: int = 0):
+def build(preset: str, new_tokens: int, vocab: int, seed: int = 0, dtype: torch.dtype = torch.float32):
     from finealign.config import load_config
     from finealign.models.factory import build_model
     overrides = [f"model.preset={preset}"]
@@ -39,7 +40,7 @@ def build(preset: str, new_tokens: int, vocab: int, seed: int = 0):
         cfg = load_config("coca", overrides)
     torch.manual_seed(seed)
     V = cfg.model.vocab_size or vocab
-    return build_model(cfg.model, V).eval(), cfg.model, V
+    return build_model(cfg.model, V).to(dtype).eval(), cfg.model, V
 
 
 def time_generate(model, images, strategy, beam, new_tokens, eos, use_cache):
@@ -60,12 +61,12 @@ def bench(args) -> list[dict]:
     rows = []
     modes = (True,) if args.cached_only else (True, False)
     for preset in args.preset:
-        model, mcfg, V = build(preset, args.new_tokens, args.vocab)
+        model, mcfg, V = build(preset, args.new_tokens, args.vocab, dtype=args.dtype)
         eos = V                                                  # never emitted: every row runs to the end
         for strategy in args.strategy:
             for B in args.batch:
                 g = torch.Generator().manual_seed(B)
-                images = torch.randn(B, 3, mcfg.image_size, mcfg.image_size, generator=g)
+                images = torch.randn(B, 3, mcfg.image_size, mcfg.image_size, generator=g).to(args.dtype)
                 times = {True: [], False: [], "encode": []}
                 outs = {}
                 time_generate(model, images, strategy, args.beam, 2, eos, True)   # warm-up
@@ -94,8 +95,8 @@ def bench(args) -> list[dict]:
 
 def profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile as tprofile
-    model, mcfg, V = build(args.preset[0], args.new_tokens, args.vocab)
-    images = torch.randn(args.batch[0], 3, mcfg.image_size, mcfg.image_size)
+    model, mcfg, V = build(args.preset[0], args.new_tokens, args.vocab, dtype=args.dtype)
+    images = torch.randn(args.batch[0], 3, mcfg.image_size, mcfg.image_size).to(args.dtype)
     time_generate(model, images, args.strategy[0], args.beam, 2, V, not args.uncached)
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
         time_generate(model, images, args.strategy[0], args.beam, args.new_tokens, V, not args.uncached)
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary when the preset sets none")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration and cache mode")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the model's weights and the images (bfloat16: the whole decode in bf16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--profile", action="store_true", help="profile one call of the first configuration")
     p.add_argument("--uncached", action="store_true", help="with --profile: profile the uncached path")
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--src", default=str(Path(__file__).resolve().parent.parent / "src"),
                    help="finealign source tree to import (default: this checkout's src/)")
     args = p.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
     sys.path.insert(0, args.src)
     args.preset = args.preset or ["tiny", "bench-tiny"]
     args.strategy = args.strategy or ["greedy", "beam"]
@@ -131,8 +135,8 @@ def main(argv=None) -> int:
     rows = bench(args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.new_tokens} new tokens, "
-          f"median of {args.repeats}, finealign from {args.src}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {str(args.dtype)[6:]}, "
+          f"{args.new_tokens} new tokens, median of {args.repeats}, finealign from {args.src}")
     if args.cached_only:
         print("| preset | strategy | batch | cached tok/s | image encoding ms |")
         print("|---|---|---:|---:|---:|")

@@ -93,15 +93,6 @@ def latest_step(run_dir):
 
 # ---------------------------------------------------------------- killed runs (real subprocesses)
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """Trainers here set deterministic mode and 1 thread (process-wide): restore them for other tests."""
-    det, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(det)
-    torch.set_num_threads(threads)
-
-
 def reference(recipe, run_dir):
     """The uninterrupted run, in this process (the same config, seed, thread count and deterministic mode as
     the subprocesses, so bitwise the same numbers) while a subprocess works beside it."""
