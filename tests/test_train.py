@@ -95,15 +95,11 @@ def test_nonfinite_loss_stops_with_step_and_objective(tmp_path, monkeypatch):
         t.train()
 
 
-def test_clip_learns_shapes_retrieval(tmp_path):
-    """CLIP tiny on shapes: text->image R@1 at least 10x chance after a seeded few hundred steps."""
-    cfg = load_config("clip", ["data.source=shapes", "data.num_samples=2000", "data.batch_size=64",
-                               "train.steps=300", "train.lr=5e-4", "train.warmup=30", "train.log_every=50",
-                               "train.ckpt_every=0", "train.threads=2", f"train.run_dir={tmp_path}",
-                               "eval.max_images=200"])
-    t = Trainer(cfg, progress=False)
-    t.train()
-    res = evaluate(t.model, t.tokenizer, cfg, split="test", tasks=["retrieval"], progress=False)
+def test_clip_learns_shapes_retrieval(shapes_clip):
+    """CLIP tiny on shapes (conftest.py trains it): text->image R@1 at least 10x chance after a seeded few
+    hundred steps (measured: t2i 15.5, i2t 16.0 at 200 test images)."""
+    t = shapes_clip
+    res = evaluate(t.model, t.tokenizer, t.cfg, split="test", tasks=["retrieval"], progress=False)
     chance = 100 / res["num_images"]
     r = res["retrieval"]
     print(json.dumps(r))
