@@ -10,7 +10,7 @@ bounds what MFU can reach. ``--trace`` writes a Chrome trace (chrome://tracing, 
 ``--phases`` skips the profiler and times the step's phases (forward = encoders, maskers, mixer and heads;
 objectives; backward; optimizer; EMA update) with wall clocks, and counts each phase's FLOPs: ms, GFLOP and
 the phase's share of the matmul peak measured in the same process. On a CPU the profiler's per-operator
-times can be far off for small element-wise operators (they read 5-10x their wall time here), so this is
+times can be far off for small element-wise operators (several times their wall time here), so this is
 the check before believing a profile's attribution.
 """
 from __future__ import annotations
