@@ -236,6 +236,11 @@ def test_malformed_coco(tmp_path):
         (tmp_path / name).write_bytes(raw)
         with pytest.raises(SourceFormatError, match=name.replace(".", r"\.")):
             build_coco(DataConfig(source="coco", root=str(tmp_path), train=name), "train", SkipLog())
+    # "annotations" that is not a list (found by the fuzz test: true crashed with a TypeError)
+    for i, anns in enumerate([True, None, "a caption", {"image_id": 1, "caption": "ok"}, 3]):
+        (tmp_path / f"anns{i}.json").write_text(json.dumps({"images": data["images"], "annotations": anns}))
+        with pytest.raises(SourceFormatError, match=rf"anns{i}\.json: 'annotations' must be a list"):
+            build_coco(DataConfig(source="coco", root=str(tmp_path), train=f"anns{i}.json"), "train", SkipLog())
 
 
 # ------------------------------------------------------------------------------------ webdataset

@@ -13,7 +13,7 @@ from finealign.config import DataConfig
 from finealign.data.loader import PairDataset, collate_items
 from finealign.data.skips import BadSampleError, SkipLog
 from finealign.data.sources.coco import build_coco
-from finealign.data.sources.common import Skipped, load_item
+from finealign.data.sources.common import Skipped, SourceFormatError, load_item
 from finealign.data.sources.shapes import IMAGE_SIZE, ShapesDataset
 from finealign.data.transforms import (ImageTransform, TwoViewTransform, accepts_boxes,
                                        denormalize, map_box, random_resized_crop_box)
@@ -235,6 +235,16 @@ def test_coco_instances_regions(tmp_path):
     # strict: the first malformed instance raises
     with pytest.raises(BadSampleError, match="annotations\\[2\\]"):
         build_coco(DataConfig(source="coco", root=str(tmp_path)), "val", SkipLog(strict=True))
+    # categories: unnamed / id-less / unhashable-id entries are counted; a non-list is a format error
+    inst["categories"] += [{"id": [3], "name": "odd"}, {"name": "no id"}, {"id": 5}, "junk"]
+    f.write_text(json.dumps(inst))
+    skips = SkipLog()
+    assert build_coco(DataConfig(source="coco", root=str(tmp_path)), "val", skips)[0].regions == samples[0].regions
+    assert skips.counts["bad category"] == 4 and f"{f}:categories[2]" in skips.samples["bad category"]
+    inst["categories"] = True
+    f.write_text(json.dumps(inst))
+    with pytest.raises(SourceFormatError, match=r"instances_val2017\.json: 'categories' must be a list"):
+        build_coco(DataConfig(source="coco", root=str(tmp_path)), "val", SkipLog())
 
 
 def test_coco_without_instances_or_karpathy_has_no_regions(tmp_path):

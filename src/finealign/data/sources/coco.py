@@ -15,7 +15,8 @@ Skips ("file:images[i]" / "file:annotations[i]"): "bad image entry", "bad annota
 "unknown image id", "empty caption", "path outside root" (a file name that is absolute or leaves
 ``data.root``, the JSON's directory and the image directories via ``..``, unless
 ``data.allow_outside_root``). Captions are cleaned as in ``untrusted.clean_caption`` (fixes
-counted as notes). A file that is not UTF-8 JSON raises ``SourceFormatError`` naming it.
+counted as notes). A file that is not UTF-8 JSON, or whose ``annotations`` is not a list, raises
+``SourceFormatError`` naming it.
 
 Regions (COCO captions format only): if an instances JSON sits beside the captions file under the
 matching name (``captions_X.json`` -> ``instances_X.json``, e.g. ``captions_train2017.json`` ->
@@ -24,8 +25,9 @@ matching name (``captions_X.json`` -> ``instances_X.json``, e.g. ``captions_trai
 image (original-image pixels; crowd annotations included). Nothing to configure; without that
 file Samples have no regions. Malformed instance annotations (no image id, bbox not 4 finite
 numbers with w, h > 0, unknown category) are skipped as "bad instance" ("file:annotations[i]"),
-instances of images absent from the captions JSON as "unknown image id"; a file that is not
-valid JSON with an ``annotations`` list raises ``SourceFormatError``. Karpathy split JSONs never
+instances of images absent from the captions JSON as "unknown image id"; categories without an
+id or a name as "bad category" ("file:categories[i]"); a file that is not valid JSON with an
+``annotations`` list (and, if present, a ``categories`` list) raises ``SourceFormatError``. Karpathy split JSONs never
 get regions (their images carry no COCO ids to match).
 """
 from __future__ import annotations
@@ -116,10 +118,17 @@ def read_instances(path: Path, image_ids: set, skips: SkipLog) -> dict[Any, list
     data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise SourceFormatError(f"{path}: not a COCO instances JSON (no 'annotations' list)")
+    cats = data.get("categories", [])
+    if not isinstance(cats, list):
+        raise SourceFormatError(f"{path}: 'categories' must be a list, got {type(cats).__name__}")
     names: dict[Any, str] = {}
-    for c in data.get("categories") or []:
-        if isinstance(c, dict) and "id" in c and isinstance(c.get("name"), str) and clean_text(c["name"]):
+    for i, c in enumerate(cats):
+        try:
+            if not (isinstance(c, dict) and isinstance(c.get("name"), str) and clean_text(c["name"])):
+                raise ValueError("no name")
             names[c["id"]] = clean_text(c["name"])
+        except (ValueError, KeyError, TypeError):    # no name / no id / an unhashable id
+            skips.skip("bad category", f"{path}:categories[{i}]")
     out: dict[Any, list[Region]] = {}
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}:annotations[{i}]"
@@ -163,7 +172,11 @@ def read_coco(path: Path, data: dict, root: Path | None, split: str, skips: Skip
             order.append(im["id"])
         images[im["id"]] = im
     caps: dict[Any, list[str]] = {k: [] for k in order}
-    for i, ann in enumerate(data.get("annotations") or []):
+    anns = data.get("annotations")
+    if not isinstance(anns, list):
+        raise SourceFormatError(f"{path}: 'annotations' must be a list of caption entries, got "
+                                f"{type(anns).__name__}")
+    for i, ann in enumerate(anns):
         where = f"{path}:annotations[{i}]"
         if not isinstance(ann, dict) or "image_id" not in ann:
             skips.skip("bad annotation", where)
