@@ -158,6 +158,8 @@ def test_coco_valid_round_trip(tmp_path, items):
 @given(v=json_values)
 @example(v=[0, 0, 10**400, 1])                       # found by reading: int beyond float range
 @example(v=[0, 0, 1e400, 1])
+@example(v=[0, 9007199254740992, 1, 1])             # found by hypothesis 6.170: y + h rounds back to y (2**53 + 1)
+@example(v=[1e308, 0, 1e308, 1])                     # x + w overflows to inf
 def test_region_parsers_raise_only_value_error(v):
     for fn in (parse_box, _instance_box):
         try:

@@ -99,9 +99,11 @@ def _instance_box(bbox: Any) -> tuple[float, float, float, float]:
         x, y, w, h = (float(v) for v in bbox)
     except OverflowError:                     # an integer beyond float range
         raise ValueError(f"bad bbox {bbox!r}") from None
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+    box = (x, y, x + w, y + h)
+    # corners checked after the sums: x + w can overflow to inf, or round back to x (w tiny against x)
+    if not all(math.isfinite(v) for v in box) or not (box[0] < box[2] and box[1] < box[3]):
         raise ValueError(f"bad bbox {bbox!r}")
-    return (x, y, x + w, y + h)
+    return box
 
 
 def load_json(path: Path) -> Any:
