@@ -27,8 +27,8 @@ file Samples have no regions. Malformed instance annotations (no image id, bbox 
 numbers with w, h > 0, unknown category) are skipped as "bad instance" ("file:annotations[i]"),
 instances of images absent from the captions JSON as "unknown image id"; categories without an
 id or a name as "bad category" ("file:categories[i]"); a file that is not valid JSON with an
-``annotations`` list (and, if present, a ``categories`` list) raises ``SourceFormatError``. Karpathy split JSONs never
-get regions (their images carry no COCO ids to match).
+``annotations`` list (and, if present, a ``categories`` list) raises ``SourceFormatError``.
+Karpathy split JSONs never get regions (their images carry no COCO ids to match).
 """
 from __future__ import annotations
 
