@@ -33,7 +33,6 @@ Karpathy split JSONs never get regions (their images carry no COCO ids to match)
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from ...config import DataConfig
 from ...registry import SOURCES
 from ...types import Region, Sample
 from ..skips import SkipLog
-from .common import (LazyImage, SourceFormatError, clean_text, image_candidates,
+from .common import (LazyImage, SourceFormatError, clean_text, image_candidates, parse_box,
                      resolve_split_file, source_roots, split_name)
 from .untrusted import clean_caption, note_all
 
@@ -91,19 +90,17 @@ def instances_path(captions: Path) -> Path | None:
 
 
 def _instance_box(bbox: Any) -> tuple[float, float, float, float]:
-    """COCO ``[x, y, w, h]`` -> ``(x0, y0, x1, y1)``; ValueError unless 4 finite numbers, w, h > 0."""
+    """COCO ``[x, y, w, h]`` -> ``(x0, y0, x1, y1)``; ValueError unless 4 numbers whose corners pass
+    ``parse_box`` (finite, x0 < x1, y0 < y1: w, h > 0 and not lost to rounding or overflow in the sums)."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or any(
             isinstance(v, bool) or not isinstance(v, (int, float)) for v in bbox):
         raise ValueError(f"bad bbox {bbox!r}")
+    x, y, w, h = bbox
     try:
-        x, y, w, h = (float(v) for v in bbox)
-    except OverflowError:                     # an integer beyond float range
+        corners = (x, y, x + w, y + h)
+    except OverflowError:                     # an integer beyond float range added to a float
         raise ValueError(f"bad bbox {bbox!r}") from None
-    box = (x, y, x + w, y + h)
-    # corners checked after the sums: x + w can overflow to inf, or round back to x (w tiny against x)
-    if not all(math.isfinite(v) for v in box) or not (box[0] < box[2] and box[1] < box[3]):
-        raise ValueError(f"bad bbox {bbox!r}")
-    return box
+    return parse_box(corners)
 
 
 def load_json(path: Path) -> Any:
