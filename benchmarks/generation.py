@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     rows = bench(args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {str(args.dtype)[6:]}, "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {str(args.dtype).removeprefix('torch.')}, "
           f"{args.new_tokens} new tokens, median of {args.repeats}, finealign from {args.src}")
     if args.cached_only:
         print("| preset | strategy | batch | cached tok/s | image encoding ms |")
