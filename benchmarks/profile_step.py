@@ -47,7 +47,7 @@ def main():
 
     captured = {}
 
-    def grab(step, steps, warmup, batch, device="cpu"):
+    def grab(step, steps, warmup, batch, device="cpu", bf16=False):
         captured["step"] = step
         return {}
     train_step._time = grab                       # build exactly what train_step times, then profile it

@@ -6,8 +6,9 @@
 
 MFU = FLOPs of one step (counted with ``torch.utils.flop_counter.FlopCounterMode``; PyTorch's CPU flash
 attention, which it does not count, with the formulas it uses for its CUDA kernel) / step time / the
-matmul peak measured in the same run (median of square matmuls in the step's precision, in a child
-process like every configuration). ``--sweep KEY=v1,v2,...`` times one recipe at each value (one table:
+matmul peak measured in the same process right after the timed steps (median of square matmuls in the
+step's precision), so that each process's MFU is step and peak measured within seconds of each other on
+this noisy shared machine; the table gives the median over rounds of those per-process MFUs. ``--sweep KEY=v1,v2,...`` times one recipe at each value (one table:
 how cost grows with image size, sequence length or width).
 
 Each configuration runs in its own subprocess (clean peak-RSS numbers), alternating A/B for --rounds.
@@ -85,7 +86,7 @@ def run_finealign(recipe, preset, batch, bf16, steps, warmup, overrides=(), devi
             model.momentum_update()
             _mark("EMA update")
         opt.zero_grad(set_to_none=True)
-    return _time(step, steps, warmup, batch, device)
+    return _time(step, steps, warmup, batch, device, bf16)
 
 
 def _mark(phase: str) -> None:
@@ -122,7 +123,7 @@ def run_open_clip(preset, batch, bf16, steps, warmup, device="cpu"):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return _time(step, steps, warmup, batch, device)
+    return _time(step, steps, warmup, batch, device, bf16)
 
 
 def matmul_peak(bf16, device="cpu", n=None, reps=10):
@@ -167,9 +168,10 @@ def _count_cpu_flash_attention() -> None:
         return fc.sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-def _time(step, steps, warmup, batch, device="cpu"):
+def _time(step, steps, warmup, batch, device="cpu", bf16=False):
     """Median step time; FLOPs of one step (FlopCounterMode, CPU flash attention included); peak memory =
-    peak RSS on CPU, peak allocated CUDA memory on GPU."""
+    peak RSS on CPU, peak allocated CUDA memory on GPU (read before the matmul peak is measured); the matmul
+    peak in the step's precision, measured right after the timed steps."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     _count_cpu_flash_attention()
@@ -192,13 +194,12 @@ def _time(step, steps, warmup, batch, device="cpu"):
     med = statistics.median(times)
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"step_s": med, "samples_per_s": batch / med, "peak_rss_mb": peak_mb, "gflop": flops / 1e9}
+    peak = matmul_peak(bf16, device)["tflops"]
+    return {"step_s": med, "samples_per_s": batch / med, "peak_rss_mb": peak_mb, "gflop": flops / 1e9,
+            "peak_tflops": peak, "mfu": flops / med / 1e12 / peak}
 
 
 def _child(args):
-    if args.impl == "peak":
-        print(json.dumps(matmul_peak(args.bf16, args.device)))
-        return
     if args.impl == "open_clip":
         res = run_open_clip(args.preset, args.batch, args.bf16, args.steps, args.warmup, args.device)
     else:
@@ -240,13 +241,9 @@ def main():
         else:
             print("(open_clip not importable: timing finealign only)")
     results = {label: [] for label, _, _ in configs}
-    peaks = []
     common = ["--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
               str(args.warmup), "--device", args.device] + (["--bf16"] if args.bf16 else [])
     for _ in range(args.rounds):
-        out = subprocess.run([sys.executable, __file__, "--impl", "peak", *common], capture_output=True, text=True)
-        if out.returncode == 0:
-            peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["tflops"])
         for label, impl, extra in configs:
             cmd = [sys.executable, __file__, "--impl", impl, *common]
             cmd += [f"--set={o}" for o in [*(args.set or []), *extra] if impl != "open_clip"]
@@ -257,12 +254,14 @@ def main():
                 continue
             results[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
     prec = "bf16" if args.bf16 else "fp32"
-    peak = statistics.median(peaks) if peaks else float("nan")
+    peaks = [r["peak_tflops"] for rs in results.values() for r in rs]
+    peak = f"{statistics.median(peaks):.2f} ({min(peaks):.2f}-{max(peaks):.2f})" if peaks else "n/a"
     print(f"\ndevice={args.device} preset={args.preset} batch={args.batch} precision={prec} rounds={args.rounds} "
-          f"steps/round={args.steps} matmul peak={peak:.2f} TFLOP/s" + (f" overrides={' '.join(args.set)}" if args.set else ""))
+          f"steps/round={args.steps} matmul peak={peak} TFLOP/s" + (f" overrides={' '.join(args.set)}" if args.set else ""))
+    print("MFU: median over rounds of (step FLOPs / step time / the matmul peak measured in that process)")
     width = max(16, max(len(label) for label in results) + 1)
     print(f"{'impl':<{width}} {'samples/s':>10} {'step ms':>9} {'GFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'peak MB':>9} {'step time vs first':>19}")
+          f"{'MFU range':>13} {'peak MB':>9} {'step time vs first':>19}")
     base = None
     for label, rs in results.items():
         if not rs:
@@ -271,10 +270,11 @@ def main():
         step_ms = 1000 * args.batch / sps
         base = base or step_ms
         gflop = rs[0]["gflop"]
-        tflops = gflop / step_ms
-        print(f"{label:<{width}} {sps:10.1f} {step_ms:9.1f} {gflop:11.1f} {tflops:8.2f} {tflops / peak:6.1%} "
-              f"{max(r['peak_rss_mb'] for r in rs):9.0f} {step_ms / base:18.2f}x")
-
+        mfus = [r["mfu"] for r in rs]
+        span = f"{min(mfus):.1%}-{max(mfus):.1%}"
+        print(f"{label:<{width}} {sps:10.1f} {step_ms:9.1f} {gflop:11.1f} {gflop / step_ms:8.2f} "
+              f"{statistics.median(mfus):6.1%} {span:>13} {max(r['peak_rss_mb'] for r in rs):9.0f} "
+              f"{step_ms / base:18.2f}x")
 
 if __name__ == "__main__":
     main()
