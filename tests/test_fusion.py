@@ -128,6 +128,43 @@ def test_grad_checkpointing_same_grads():
         torch.testing.assert_close(g, g_ck, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_image_index_equals_the_gathered_images(ckpt, masked):
+    """Row b attending to image image_index[b] (keys/values projected once per image, then gathered) gives
+    the outputs, attention maps and gradients of passing image_tokens[image_index]: ITM's 3B rows over B
+    images, with a repeated, a shared and an unused image."""
+    enc = make(grad_checkpointing=ckpt).train()
+    text, tm, image, im = inputs()
+    rows = torch.tensor([0, 1, 2, 0, 2])                  # text rows
+    index = torch.tensor([0, 0, 2, 1, 0])                 # image of each row (image 2 of 3 used once)
+    t, m = text[rows], tm[rows]
+    results = []
+    for use_index in (False, True):
+        i = image.clone().requires_grad_(True)
+        enc.zero_grad()
+        if use_index:
+            out = enc(t, m, i, im if masked else None, attn_layers=[0, -1], image_index=index)
+        else:
+            out = enc(t, m, i[index], im[index] if masked else None, attn_layers=[0, -1])
+        loss = out["tokens"].square().mean() + sum((a * torch.arange(N)).sum() for a in out["attn"])
+        loss.backward()
+        results.append([out["tokens"], *out["attn"], i.grad] + [p.grad.clone() for p in enc.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"image_index must be \(5,\)"):
+        enc(t, m, image, image_index=index[:3])
+
+
+def test_image_index_under_bf16_autocast_matches_the_gathered_images():
+    enc = make().eval()
+    text, tm, image, _ = inputs()
+    index = torch.tensor([2, 0, 0])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = enc(text, tm, image, image_index=index)["tokens"].float()
+        b = enc(text, tm, image[index])["tokens"].float()
+    torch.testing.assert_close(a, b, rtol=0, atol=0.02)
+
 def test_heads():
     itm, mlm = ITMHead(D), MLMHead(D, 50)
     cls, tokens = torch.randn(B, D), torch.randn(B, T, D)

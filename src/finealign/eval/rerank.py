@@ -196,8 +196,11 @@ class ITMScorer:
             self._images = [self.images]
         if self.text_tokens is None:
             raise RuntimeError("ITMScorer: call set_texts first")
-        img = self.images[image_idx.to(self.images.device)]                  # (n, 1 + N, Dv)
+        # each distinct image once: its cross-attention keys/values are projected once for all its pairs
+        uniq, inv = torch.unique(image_idx.to(self.images.device), return_inverse=True)
+        img = self.images[uniq]                                              # (u, 1 + N, Dv)
         t = text_idx.to(self.text_tokens.device)
-        fused = self.model.fuse(self.text_tokens[t], self.text_mask[t], img[:, 0], img[:, 1:])["cls"]  # (n, Dt)
+        fused = self.model.fuse(self.text_tokens[t], self.text_mask[t], img[:, 0], img[:, 1:],
+                                image_index=inv)["cls"]                      # (n, Dt)
         logits = self.model.itm_head(fused).float()                          # (n, 2)
         return logits[:, 1] - logits[:, 0]

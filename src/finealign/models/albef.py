@@ -172,7 +172,8 @@ class FusionModel(nn.Module):
         return self.proto_head(self.visual(images)[1])
 
     def fuse(self, text_tokens: Tensor, text_mask: Tensor, image_cls: Tensor, patches: Tensor, **kw) -> dict:
-        """Text (B, T, Dt) attends to [cls | patches] (B, 1+N, Dv) -> fusion outputs (see FusionEncoder)."""
+        """Text (B, T, Dt) attends to [cls | patches] (B, 1+N, Dv) -> fusion outputs (see FusionEncoder;
+        with ``image_index`` (B,) the images are (Bi, ...) and row b attends to image image_index[b])."""
         image = torch.cat([image_cls[:, None], patches], dim=1)             # (B, 1+N, Dv)
         return self.fusion(text_tokens, text_mask, image, **kw)
 
@@ -189,9 +190,10 @@ class FusionModel(nn.Module):
                 neg_txt, neg_img = sample_hard_negatives(sim * feats.logit_scale.float(), batch.item_ids)
             txt = torch.cat([feats.text_tokens, feats.text_tokens[neg_txt], feats.text_tokens])   # (3B, T, Dt)
             tmask = torch.cat([mask, mask[neg_txt], mask])
-            icls = torch.cat([cls, cls, cls[neg_img]])                                     # (3B, Dv)
-            ipat = torch.cat([patches, patches, patches[neg_img]])                         # (3B, N, Dv)
-            fused = self.fuse(txt, tmask, icls, ipat)["cls"]                               # (3B, Dt)
+            rows = torch.arange(len(batch), device=neg_img.device)
+            # rows: (image b, text b), (image b, negative text), (negative image, text b); each image's
+            # cross-attention keys/values are projected once and gathered for its three rows
+            fused = self.fuse(txt, tmask, cls, patches, image_index=torch.cat([rows, rows, neg_img]))["cls"]
             feats.extras["itm_logits"] = self.itm_head(fused)                              # (3B, 2)
             feats.extras["itm_num_pos"] = len(batch)
         want_mlm, want_mim = "mlm_logits" in needs, "mim_pred" in needs and self.image_decoder is not None

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import Block, init_weights, run_block
+from .layers import Block, KVCache, init_weights, run_block
 
 
 class FusionEncoder(nn.Module):
@@ -46,9 +46,15 @@ class FusionEncoder(nn.Module):
 
     def forward(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor,
                 image_mask: Tensor | None = None, return_attn: bool = False,
-                attn_layers: Sequence[int] | None = None) -> dict[str, Tensor | list[Tensor]]:
+                attn_layers: Sequence[int] | None = None, image_index: Tensor | None = None
+                ) -> dict[str, Tensor | list[Tensor]]:
         """text_tokens (B, T, Dt), text_mask (B, T) bool True on real tokens, image_tokens (B, N, Dv),
         image_mask (B, N) bool True = may be attended (None = all).
+
+        ``image_index`` (B,) long: row b attends to image ``image_index[b]`` of image_tokens (Bi, N, Dv)
+        (image_mask then (Bi, N) too), the same as passing ``image_tokens[image_index]``, but each image's
+        cross-attention keys and values are projected once per layer and gathered (ITM's positive and
+        negative rows share images; reranking pairs one image with many captions).
 
         Returns {"tokens": (B, T, Dt), "cls": (B, Dt) = tokens[:, 0], "attn": [(B, T, N), ...]}.
         ``attn`` holds one cross-attention map (text -> image tokens, averaged over heads) per layer in
@@ -57,6 +63,12 @@ class FusionEncoder(nn.Module):
         attended image tokens (0 on masked ones); PAD rows, and rows of samples with no visible patch, are 0.
         """
         B, T, _ = text_tokens.shape
+        if image_index is not None:
+            image_index = image_index.to(device=image_tokens.device, dtype=torch.long)
+            if image_index.shape != (B,):
+                raise ValueError(f"image_index must be ({B},) for {B} text rows, got {tuple(image_index.shape)}")
+            if image_mask is not None:
+                image_mask = image_mask[image_index]                          # (B, N)
         real = text_mask.to(torch.bool)                                      # (B, T)
         # a sample without any real token would softmax over nothing (NaN): let its rows see everything
         self_mask = (real | ~real.any(dim=1, keepdim=True))[:, None, None, :]  # (B, 1, 1, T)
@@ -74,10 +86,18 @@ class FusionEncoder(nn.Module):
         want_set = set(want)
 
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        if ckpt and image_index is not None:
+            # keys/values projected outside the checkpointed blocks would be kept for backward: gather the
+            # images instead, so that checkpointing keeps its memory profile
+            image_tokens, image_index = image_tokens[image_index], None
         x = text_tokens
         maps: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks):
             kw = dict(context=image_tokens, mask=self_mask, cross_mask=cross_mask, cross_gate=cross_gate)
+            if image_index is not None:                                      # keys/values once per image
+                k, v = blk.cross_attn.project_memory(blk.ln_kv(image_tokens), image_index)  # (B, H, N, Dh)
+                kw["cross_cache"] = KVCache()
+                kw["cross_cache"].set(k, v)
             if i in want_set:
                 x, w = run_block(blk, x, ckpt, need_cross_weights=True, **kw)  # w: (B, H, T, N)
                 a = w.mean(dim=1) * real[..., None].to(w.dtype)              # (B, T, N), PAD rows 0

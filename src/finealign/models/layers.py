@@ -140,6 +140,15 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def project_memory(self, context: Tensor, index: Tensor | None = None) -> Tensor:
+        """Cross-attention keys and values of ``context`` (Bm, S, Dkv): (2, Bm, H, S, Dh). With ``index``
+        (B,) those of the rows ``context[index]``, each distinct row projected once (then gathered)."""
+        kv = self.kv(context)                                                     # (Bm, S, 2D)
+        if index is not None:
+            kv = kv[index]                                                        # (B, S, 2D)
+        Bm, S = kv.shape[:2]
+        return kv.view(Bm, S, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
                 is_causal: bool = False, cache: KVCache | None = None, need_weights: bool = False):
         """x (B, L, D); context (B, S, Dkv) for cross-attention (unused once ``cache`` is filled; its
@@ -153,8 +162,7 @@ class Attention(nn.Module):
             if cache is not None and cache.filled:
                 k, v = cache.k, cache.v
             else:
-                Bm, S = context.shape[:2]
-                k, v = self.kv(context).view(Bm, S, 2, H, Dh).permute(2, 0, 3, 1, 4)  # 2 x (Bm, H, S, Dh)
+                k, v = self.project_memory(context)                               # 2 x (Bm, H, S, Dh)
                 if cache is not None:
                     cache.set(k, v)
         else:
