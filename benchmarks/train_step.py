@@ -7,9 +7,10 @@
 MFU = FLOPs of one step (counted with ``torch.utils.flop_counter.FlopCounterMode``; PyTorch's CPU flash
 attention, which it does not count, with the formulas it uses for its CUDA kernel) / step time / the
 matmul peak measured in the same process right after the timed steps (median of square matmuls in the
-step's precision), so that each process's MFU is step and peak measured within seconds of each other on
-this noisy shared machine; the table gives the median over rounds of those per-process MFUs. ``--sweep KEY=v1,v2,...`` times one recipe at each value (one table:
-how cost grows with image size, sequence length or width).
+step's precision), so that each process's step and peak are measured within seconds of each other on a
+noisy shared machine; the table gives the median over rounds of those per-process MFUs and their range.
+``--sweep KEY=v1,v2,...`` times one recipe at each value (one table: how cost grows with image size,
+sequence length or width).
 
 Each configuration runs in its own subprocess (clean peak-RSS numbers), alternating A/B for --rounds.
 If ``open_clip`` is importable, its CoCa built with the same shapes is timed in the same run and the
@@ -275,6 +276,7 @@ def main():
         print(f"{label:<{width}} {sps:10.1f} {step_ms:9.1f} {gflop:11.1f} {gflop / step_ms:8.2f} "
               f"{statistics.median(mfus):6.1%} {span:>13} {max(r['peak_rss_mb'] for r in rs):9.0f} "
               f"{step_ms / base:18.2f}x")
+
 
 if __name__ == "__main__":
     main()
