@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -122,11 +123,10 @@ def read_instances(path: Path, image_ids: set, skips: SkipLog) -> dict[Any, list
         raise SourceFormatError(f"{path}: 'categories' must be a list, got {type(cats).__name__}")
     names: dict[Any, str] = {}
     for i, c in enumerate(cats):
-        try:
-            if not (isinstance(c, dict) and isinstance(c.get("name"), str) and clean_text(c["name"])):
-                raise ValueError("no name")
-            names[c["id"]] = clean_text(c["name"])
-        except (ValueError, KeyError, TypeError):    # no name / no id / an unhashable id
+        name = clean_text(c["name"]) if isinstance(c, dict) and isinstance(c.get("name"), str) else ""
+        if name and "id" in c and isinstance(c["id"], Hashable):  # JSON lists / objects as ids are not
+            names[c["id"]] = name
+        else:                                                    # no name / no id / an unhashable id
             skips.skip("bad category", f"{path}:categories[{i}]")
     out: dict[Any, list[Region]] = {}
     for i, ann in enumerate(data["annotations"]):
