@@ -114,6 +114,16 @@ def test_text_only_training_leaves_the_backbone_frozen_and_reloads(tmp_path, cap
     a = m.model.caption_images(images, strategy="greedy", max_new_tokens=4)
     b = t.model.eval().caption_images(images, strategy="greedy", max_new_tokens=4)
     assert a == b and len(a) == 2 and all(isinstance(c, str) for c in a)
+    # zero-shot VQA decodes the prompt's continuation by beam search (MacCap: beam 5), 1 = greedy
+    from finealign.zeroshot.lm import generate
+    mc = m.model.eval()
+    prefix = mc.adaptor(mc.image_memory(images, torch.Generator().manual_seed(0))[0])
+    start = torch.tensor([mc.lm.prompt_ids("Question: what colour? Short answer:")])
+    for beams, strategy in ((5, "beam"), (1, "greedy")):
+        want = [mc.lm.decode(generate(mc.lm, prefix[i:i + 1], start, strategy, 5, beams)[0]).strip() for i in range(2)]
+        assert mc.answer(images, ["what colour?"] * 2, beam_size=beams) == want
+    with pytest.raises(ValueError, match="beam_size"):
+        mc.answer(images, ["what colour?"] * 2, beam_size=0)
     from PIL import Image
     from finealign.cli import main
     png = tmp_path / "red.png"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from finealign.config import DataConfig, load_config
+from finealign.config import ConfigError, DataConfig, load_config
 from finealign.data.skips import SkipLog
 from finealign.data.sources.shapes import Obj, Scene, make_scene
 from finealign.data.sources.shapes_vqa import (COLOUR_ANSWERS, COUNT_ANSWERS, POSITION_ANSWERS, build_vqa,
@@ -103,11 +103,12 @@ class _Answerer(torch.nn.Module):
 
     def __init__(self, truth: dict):
         super().__init__()
-        self.truth, self.calls = truth, []
+        self.truth, self.calls, self.beams = truth, [], []
 
-    def answer(self, images, questions, template="Question: {} Short answer:", max_new_tokens=5):
+    def answer(self, images, questions, template="Question: {} Short answer:", max_new_tokens=5, beam_size=1):
         assert images.ndim == 4 and len(images) == len(questions) and max_new_tokens == 5
         self.calls.append((len(questions), template))
+        self.beams.append(beam_size)
         out = []
         for img, q in zip(images, questions):
             kind, ans = self.truth[(img.numpy().tobytes(), q)]
@@ -146,8 +147,14 @@ def test_evaluate_vqa_scores_exact_match_by_kind():
     assert first["prediction"].isdigit() and first["normalized"] == first["answer"] == items[0].answer
     assert all(t == "Question: {} Short answer:" for _, t in model.calls)
     assert [c for c, _ in model.calls] == [5] * (len(items) // 5) + ([len(items) % 5] if len(items) % 5 else [])
+    assert set(model.beams) == {5} and res["beam_size"] == 5         # MacCap's beam 5 unless configured
     small = evaluate_vqa(model, cfg, "test", max_images=3, progress=False)
     assert small["num_images"] == 3
+    model.beams.clear()
+    greedy = load_config("clip", overrides=["data.source=shapes", "data.num_samples=3", "eval.vqa_beam_size=1"])
+    assert evaluate_vqa(model, greedy, "test", progress=False)["beam_size"] == 1 and set(model.beams) == {1}
+    with pytest.raises(ConfigError, match="eval.vqa_beam_size"):
+        load_config("clip", overrides=["eval.vqa_beam_size=0"])
 
 
 def test_evaluate_runs_vqa_and_skips_models_without_answer(caplog):

@@ -226,6 +226,7 @@ class EvalConfig:
                                      # (multi-view fashion data: several images share one description)
     k_test: int = 16                 # fusion models: re-rank each query's ITC top-k with the ITM head (0 = off)
     vqa_template: str = "Question: {} Short answer:"   # zero-shot VQA prompt after the image prefix (MacCap)
+    vqa_beam_size: int = 5           # zero-shot VQA answers by beam search with this many beams (MacCap: 5; 1 = greedy)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Zero-shot VQA on the ``shapes`` scenes (see :mod:`finealign.data.sources.shapes_vqa`), exact match.
 
-The model answers with ``model.answer(images, questions, template=..., max_new_tokens=5)`` (MacCap
-models). Predictions and references go through :func:`normalize_answer` and are compared exactly.
+The model answers with ``model.answer(images, questions, template=..., max_new_tokens=5, beam_size=...)``
+(MacCap models; ``eval.vqa_beam_size``, 5 as in MacCap). Predictions and references go through
+:func:`normalize_answer` and are compared exactly.
 Reported: accuracy (%), per question kind, and a chance baseline ``answer_prior``: the accuracy of
 always answering each kind's most frequent reference answer.
 """
@@ -19,6 +20,7 @@ __all__ = ["DEFAULT_TEMPLATE", "can_answer", "normalize_answer", "evaluate_vqa"]
 log = logging.getLogger("finealign")
 DEFAULT_TEMPLATE = "Question: {} Short answer:"
 MAX_NEW_TOKENS = 5
+DEFAULT_BEAM_SIZE = 5                     # MacCap's zero-shot VQA decodes with beam 5
 
 _NUMBERS = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five", "6": "six",
             "7": "seven", "8": "eight", "9": "nine", "10": "ten"}
@@ -59,9 +61,9 @@ def evaluate_vqa(model, cfg, split: str, device: torch.device | str = "cpu", max
                  progress: bool = True) -> dict:
     """Exact-match VQA on ``split`` of ``cfg.data`` (``shapes`` / ``shapes-items``) with at most
     ``max_images`` images (0 = all). Template: ``cfg.eval.vqa_template`` when the config has one, else
-    :data:`DEFAULT_TEMPLATE`. Returns ``{"accuracy", "n", "num_images", "by_kind", "n_by_kind",
-    "answer_prior", "answer_prior_by_kind", "template", "samples"}`` (percentages; ``samples``: the first
-    10 questions with reference, raw prediction and normalised prediction)."""
+    :data:`DEFAULT_TEMPLATE`; beams: ``cfg.eval.vqa_beam_size``. Returns ``{"accuracy", "n", "num_images",
+    "by_kind", "n_by_kind", "answer_prior", "answer_prior_by_kind", "template", "beam_size", "samples"}``
+    (percentages; ``samples``: the first 10 questions with reference, raw and normalised prediction)."""
     from ..data.sources.shapes_vqa import build_vqa
     from ..data.transforms import ImageTransform
 
@@ -71,6 +73,7 @@ def evaluate_vqa(model, cfg, split: str, device: torch.device | str = "cpu", max
     if not items:
         raise ValueError(f"vqa: split {split!r} has no questions")
     template = getattr(cfg.eval, "vqa_template", None) or DEFAULT_TEMPLATE
+    beam_size = int(getattr(cfg.eval, "vqa_beam_size", DEFAULT_BEAM_SIZE))
     transform = ImageTransform(cfg.model.image_size, train=False)
     device = torch.device(device)
     batch_size = max(1, int(cfg.data.eval_batch_size))
@@ -90,7 +93,7 @@ def evaluate_vqa(model, cfg, split: str, device: torch.device | str = "cpu", max
                     cache_key, cache_img = it.key, transform(it.load_image())
                 images.append(cache_img)
             out = model.answer(torch.stack(images).to(device), [it.question for it in batch],
-                               template=template, max_new_tokens=MAX_NEW_TOKENS)
+                               template=template, max_new_tokens=MAX_NEW_TOKENS, beam_size=beam_size)
             if len(out) != len(batch):
                 raise ValueError(f"model.answer returned {len(out)} answers for {len(batch)} questions")
             preds.extend(str(p) for p in out)
@@ -120,6 +123,7 @@ def evaluate_vqa(model, cfg, split: str, device: torch.device | str = "cpu", max
         "answer_prior": _percent(sum(prior.values()), n),
         "answer_prior_by_kind": {k: _percent(prior[k], total[k]) for k in kinds},
         "template": template,
+        "beam_size": beam_size,
         "samples": [{"key": it.key, "question": it.question, "answer": it.answer, "prediction": p,
                      "normalized": q} for it, p, q in list(zip(items, preds, normed))[:10]],
     }

@@ -123,17 +123,20 @@ class MacCap(nn.Module):
 
     @torch.no_grad()
     def answer(self, images: Tensor, questions: list[str], template: str = "Question: {} Short answer:",
-               max_new_tokens: int = 5, generator: torch.Generator | None = None) -> list[str]:
-        """Zero-shot VQA: greedy continuation of ``template.format(question)`` after the image prefix
-        (one noisy memory per image, no re-ranking)."""
+               max_new_tokens: int = 5, beam_size: int = 5, generator: torch.Generator | None = None) -> list[str]:
+        """Zero-shot VQA: the continuation of ``template.format(question)`` after the image prefix, by beam
+        search with ``beam_size`` beams (MacCap: 5; 1 = greedy); one noisy memory per image, no re-ranking."""
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         memory, _ = self.image_memory(images, generator)
         prefix = self.adaptor(memory)                                                  # (B, Q, D)
+        strategy = "beam" if beam_size > 1 else "greedy"
         out = []
         for i, q in enumerate(questions):
             start = torch.tensor([self.lm.prompt_ids(template.format(q))], device=prefix.device)
-            toks = generate(self.lm, prefix[i:i + 1], start, "greedy", max_new_tokens)[0]
+            toks = generate(self.lm, prefix[i:i + 1], start, strategy, max_new_tokens, beam_size)[0]
             out.append(self.lm.decode(toks).strip())
         return out
 
