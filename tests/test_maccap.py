@@ -66,6 +66,46 @@ def test_subregions_on_a_hand_built_attention_map():
     assert torch.allclose(agg[0, 1], F.normalize(torch.tensor([1.0, 0.0, 0.0, 1.0]), dim=0))
 
 
+def test_subregions_follow_a_given_global_attention():
+    N = 4
+    attn = torch.softmax(torch.randn(1, 1 + N, 1 + N, generator=torch.Generator().manual_seed(0)), -1)
+    attn[0, 0, 1:] = torch.tensor([0.1, 0.5, 0.3, 0.1])              # the cls row would pick patches 1, 2
+    glob = torch.tensor([[0.4, 0.0, 0.1, 0.5]])                     # the pooled query's picks: 3, 0
+    dense = torch.eye(N)[None]
+    feats, top = subregion_features(dense, attn, k=2, global_attn=glob)
+    assert top.tolist() == [[3, 0]]
+    rows = attn[0, 1:, 1:][[3, 0]]
+    assert torch.allclose(feats[0], F.normalize(rows / rows.sum(-1, keepdim=True), dim=-1))
+    with pytest.raises(ValueError, match="global attention"):
+        subregion_features(dense, attn, k=2, global_attn=glob[:, :3])
+
+
+@pytest.mark.parametrize("recipe", ["coca", "clip"])
+def test_global_attention_is_the_pooled_query_for_coca_and_the_cls_row_for_clip(recipe):
+    """MacCap's subregions start from the patches the global embedding's token attends to most: for a
+    CoCa backbone that is the attentional pooler's contrastive query (the ViT's cls output is not trained),
+    for CLIP the cls row of the ViT's last-layer attention."""
+    from finealign.models.factory import build_model
+    torch.manual_seed(0)
+    cfg = load_config(recipe)
+    m = build_model(cfg.model, 64).eval()
+    S = cfg.model.image_size
+    with torch.no_grad():
+        _, patches, attn = m.visual(torch.randn(3, 3, S, S), return_attn="full")
+        got = m.global_attention(patches, attn)
+        if recipe == "clip":
+            want = attn[:, 0, 1:]
+        else:                                   # softmax(q0 k^T / sqrt(Dh)) per head, averaged over heads
+            P = m.pooler
+            H = P.attn.heads
+            q = P.attn.q(P.ln_q(P.query[:1])).view(H, -1)                                # (H, Dh)
+            k = P.attn.kv(P.ln_kv(patches))[..., :q.numel()].view(3, patches.shape[1], H, -1)
+            want = torch.softmax(torch.einsum("hd,bnhd->bhn", q, k) / q.shape[-1] ** 0.5, -1).mean(1)
+            assert not torch.allclose(got, attn[:, 0, 1:], atol=1e-3)
+            assert torch.allclose(got.sum(-1), torch.ones(3), atol=1e-5)
+    assert got.shape == patches.shape[:2] and torch.allclose(got, want, atol=1e-6)
+
+
 def test_rerank_returns_the_most_similar_candidate():
     img = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
     cands = F.normalize(torch.tensor([[[0.0, 1.0], [1.0, 0.2], [1.0, 1.0]],

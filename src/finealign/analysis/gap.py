@@ -87,7 +87,8 @@ def subregion_similarities(model, images: Tensor, text_embed: Tensor, k: int = 1
                          "(model.visual and model.dense_image_embed)")
     g = model.encode_image(images, memory=False)["embed"].float()          # (B, E)
     _, patches, attn = model.visual(images, return_attn="full")            # attn (B, 1+N, 1+N)
-    sub, _ = subregion_features(model.dense_image_embed(patches), attn, k)  # (B, k, E)
+    sub, _ = subregion_features(model.dense_image_embed(patches), attn, k,
+                                model.global_attention(patches, attn))     # (B, k, E)
     agg = aggregate(g, sub.float(), w)                                     # (B, k, E)
     t = F.normalize(text_embed.float(), dim=-1)
     return {"global_embed": g, "global": (g * t).sum(-1),

@@ -113,6 +113,15 @@ class ContrastiveCaptioner(nn.Module):
             img = cls                                                       # (B, Dv)
         return F.normalize(self.image_proj(img), dim=-1)
 
+    @torch.no_grad()
+    def global_attention(self, patches: Tensor, attn: Tensor) -> Tensor:
+        """How much the token behind ``global_embed`` attends to each patch (B, N), head-averaged: the
+        attentional pooler's contrastive query (CoCa; the ViT's cls output is not trained there) or the
+        cls row of the ViT's last-layer attention ``attn`` (B, 1+N, 1+N) (CLIP)."""
+        if self.image_pool == "attn":
+            return self.pooler.query_attention(patches, 0)
+        return attn[:, 0, 1:]
+
     def caption_memory(self, patches: Tensor) -> Tensor:
         """Patch tokens (B, K, Dv) (all, or the ones a mask keeps) -> decoder memory (B, Q, Dt)."""
         return self.pooler(patches, queries=slice(1, None) if self.image_pool == "attn" else slice(None))

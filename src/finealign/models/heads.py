@@ -32,6 +32,13 @@ class AttentionalPooler(nn.Module):
         return self.ln_out(self.attn(q, context=self.ln_kv(tokens), mask=mask))
 
 
+    def query_attention(self, tokens: Tensor, query: int = 0) -> Tensor:
+        """How much query ``query`` attends to each token: (B, N), averaged over heads (rows sum to 1)."""
+        B = tokens.shape[0]
+        q = self.ln_q(self.query[query:query + 1]).expand(B, -1, -1)         # (B, 1, Dq)
+        _, att = self.attn(q, context=self.ln_kv(tokens), need_weights=True)  # (B, H, 1, N)
+        return att[:, :, 0].mean(1)
+
     def dense(self, tokens: Tensor) -> Tensor:
         """Per-token value path (B, N, Dkv) -> (B, N, Dq): what each token would contribute to a pooled
         output if a query attended to it alone (MaskCLIP's trick for dense features of a pooled model)."""

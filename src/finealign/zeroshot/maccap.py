@@ -88,7 +88,8 @@ class MacCap(nn.Module):
         if self.mc.subregions > 0:
             cls, patches, attn = bb.visual(images, return_attn="full")               # attn (B, 1+N, 1+N)
             g = bb.global_embed(cls, patches)                                        # (B, E)
-            sub, _ = subregion_features(bb.dense_image_embed(patches), attn, self.mc.subregions)
+            sub, _ = subregion_features(bb.dense_image_embed(patches), attn, self.mc.subregions,
+                                        bb.global_attention(patches, attn))
             feats = aggregate(g, sub, self.mc.subregion_weight)                      # (B, k, E)
             noise = inject_noise(feats.flatten(0, 1), self.noise_var, 1, generator)    # (B*k, 1, E)
             return noise.view_as(feats), g
