@@ -263,6 +263,20 @@ def test_semi_hard_negative_mask_hand_example():
     assert torch.equal(got, want)
     with pytest.raises(ValueError):
         semi_hard_negative_mask(sim[:3], item_ids)
+    # image -> text similarities: a negative must also lie below the anchor's own positive (the diagonal)
+    it = torch.tensor([[0.60, 0.50, 0.70, 0.35],
+                       [0.40, 0.80, 0.85, 0.60],
+                       [0.45, 0.30, 0.50, 0.55],
+                       [0.20, 0.60, 0.40, 0.90]])
+    ids = torch.arange(4)
+    below = torch.tensor([[False, True, False, True],      # 0.70 in the band but above the positive 0.60
+                          [True, False, False, True],      # 0.85 above the positive 0.80
+                          [True, True, False, False],      # 0.55 above the positive 0.50
+                          [False, True, True, False]])     # 0.20 below the band
+    assert torch.equal(semi_hard_negative_mask(it, ids), below)
+    anywhere = below.clone()
+    anywhere[0, 2] = anywhere[1, 2] = anywhere[2, 3] = True
+    assert torch.equal(semi_hard_negative_mask(it, ids, below_positive=False), anywhere)
 
 
 def test_pair_metadata_from_pair_dataset():

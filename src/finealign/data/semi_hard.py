@@ -15,19 +15,24 @@ __all__ = ["SemiHardBatchSampler", "semi_hard_negative_mask"]
 
 
 def semi_hard_negative_mask(sim: Tensor, item_ids: Tensor, upper: float = 0.95,
-                            band: tuple[float, float] = (0.3, 0.9)) -> Tensor:
+                            band: tuple[float, float] = (0.3, 0.9), below_positive: bool = True) -> Tensor:
     """``(B, B)`` bool: ``[i, j]`` is True iff ``j`` is an allowed semi-hard negative of ``i``.
 
-    ``sim`` (B, B): similarities (row = anchor, e.g. image; column = candidate, e.g. text);
-    ``item_ids`` (B,). False on the diagonal (positives), for the same item id (false negatives),
-    for ``sim > upper`` (near-duplicates) and outside ``band[0] <= sim <= band[1]``.
+    ``sim`` (B, B): similarities (row = anchor, e.g. image; column = candidate, e.g. text; the diagonal
+    holds each anchor's positive); ``item_ids`` (B,). False on the diagonal (positives), for the same item
+    id (false negatives), for ``sim > upper`` (near-duplicates), outside ``band[0] <= sim <= band[1]``
+    and, with ``below_positive``, at or above the anchor's positive ``sim[i, i]`` (SyncMask: the band lies
+    below the positive). With sample-to-sample similarities (diagonal 1) that last rule changes nothing.
+    ``SemiHardBatchSampler`` builds batches in one embedding space, where a sample's positive (its other
+    modality) is not a candidate, so it applies the band and ``upper`` only.
     """
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or item_ids.shape != sim.shape[:1]:
         raise ValueError(f"need sim (B, B) and item_ids (B,), got {tuple(sim.shape)} and "
                          f"{tuple(item_ids.shape)}")
     lo, hi = float(band[0]), min(float(band[1]), float(upper))
     same = item_ids.view(-1, 1) == item_ids.view(1, -1)            # (B, B), includes the diagonal
-    return ~same & (sim >= lo) & (sim <= hi)
+    ok = ~same & (sim >= lo) & (sim <= hi)
+    return ok & (sim < sim.diagonal()[:, None]) if below_positive else ok
 
 
 class SemiHardBatchSampler(EpochBatchSampler):
