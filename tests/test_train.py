@@ -1,6 +1,8 @@
 """Training end to end: learning, exact resume, exact accumulation, reload, non-finite stop."""
 import json
+import logging
 import math
+import re
 
 import pytest
 import torch
@@ -37,6 +39,23 @@ def test_resume_after_interruption_reproduces_losses(tmp_path):
     assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]   # exactly equal
     for (n, p), (_, q) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+def test_resuming_a_finished_run_keeps_its_checkpoint_and_takes_overrides(tmp_path):
+    """`train --resume RUN` with nothing left to train rewrites nothing (an eval_*.json beside the last
+    checkpoint survives); `train --resume RUN key=value` applies the overrides (here: more steps)."""
+    from finealign.cli import main
+    from finealign.train.checkpoint import find_checkpoint
+    run = tmp_path / "run"
+    Trainer(shapes_cfg("clip", run, "train.steps=2", "train.ckpt_every=0"), progress=False).train()
+    last = find_checkpoint(run, "latest")
+    (last / "eval_test.json").write_text("{}")
+    before = {f.name: f.stat().st_mtime_ns for f in last.iterdir()}
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert {f.name: f.stat().st_mtime_ns for f in last.iterdir()} == before
+    assert main(["train", "--resume", str(run), "train.steps=3", "--no-progress"]) == 0
+    assert find_checkpoint(run, "latest").name.endswith("00000003") and sorted(losses(run)) == [1, 2, 3]
+    assert (last / "eval_test.json").exists()
 
 
 def _grads_after_step(trainer, batch):
@@ -107,8 +126,9 @@ def test_clip_learns_shapes_retrieval(shapes_clip):
     assert r["i2t_r1"] >= 10 * chance, r
 
 
-def test_bad_images_are_skipped_counted_and_strict_names_file(tmp_path):
-    """A training epoch survives corrupt / missing / empty images and empty captions; strict stops on them."""
+def test_bad_images_are_skipped_counted_and_strict_names_file(tmp_path, caplog):
+    """A training epoch survives corrupt / missing / empty images and empty captions; strict stops on them;
+    each epoch's skips are summarised once, the epoch the run ends in included."""
     from PIL import Image
     from finealign.data.skips import BadSampleError
     root = tmp_path / "data"
@@ -125,12 +145,18 @@ def test_bad_images_are_skipped_counted_and_strict_names_file(tmp_path):
     common = ["data.source=csv", f"data.root={root}", "data.batch_size=8", "data.augment=false",
               "train.steps=15", "train.ckpt_every=0", "train.log_every=5"]
     t = Trainer(load_config("clip", common + [f"train.run_dir={tmp_path / 'run'}"]), progress=False)
-    t.train()
+    with caplog.at_level(logging.WARNING, logger="finealign"):
+        t.train()
     assert t.step == 15                                      # 3 epochs of 5 batches
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [m.split(":")[0] for m in epochs] == ["epoch 0", "epoch 1", "epoch 2 (to step 15)"], epochs
     import yaml
     skipped = yaml.safe_load((tmp_path / "run" / "skipped.yaml").read_text())
     reasons = set(skipped["counts"])
     assert {"empty file", "corrupt image", "missing file"} <= reasons, reasons
+    # every image skip is in exactly one epoch's summary (the rows' faults are counted once, when read)
+    per_epoch = sum(int(re.search(r"skipped (\d+) sample", m).group(1)) for m in epochs)
+    assert per_epoch == sum(skipped["counts"][r] for r in ("empty file", "corrupt image", "missing file"))
     assert any("empty.png" in e for e in skipped["examples"]["empty file"])
     assert any("train.csv:" in w for ws in skipped["examples"].values() for w in ws)   # bad rows: file:line
     with pytest.raises(BadSampleError, match=r"train\.csv:\d+|\.png"):

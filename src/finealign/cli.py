@@ -206,6 +206,9 @@ def cmd_train(args) -> int:
     from .train.loop import train
     import yaml
     overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
+    if args.recipe and "=" in args.recipe and args.resume and args.resume != "latest":
+        # `train --resume RUN key=value`: argparse hands the first override to the optional recipe slot
+        overrides, args.recipe = [args.recipe] + overrides, None
     if args.recipe:
         cfg = load_config(args.recipe, overrides)
     elif args.resume and args.resume != "latest":

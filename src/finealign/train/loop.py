@@ -111,7 +111,9 @@ class Trainer:
                 self.loader.load_state_dict(state["loader_state"])
             if state["extra"].get("objectives"):      # objectives' own state (e.g. SemMIM's EMA centres)
                 self.objectives.load_state_dict(state["extra"]["objectives"])
-        self.last_checkpoint: Path | None = None
+        # the checkpoint this run resumed from counts as saved: a resumed run that has nothing left to
+        # train does not rewrite it (which would drop the eval_*.json that `finealign eval` put beside it)
+        self.last_checkpoint: Path | None = Path(path) if resume else None
         self.refreshes = 0                                 # semi-hard sampler refreshes in this process
         self.metrics = MetricLogger(self.run_dir, resume_step=self.step if resume else None) \
             if self.main else NullLogger()
@@ -261,6 +263,11 @@ class Trainer:
                     self.refresh_sampler()
                     refreshed_at = self.step
                 batch = next(it)
+                ep = getattr(self.loader, "epoch", 0)
+                if ep != epoch:                  # this batch opens a new epoch: the last one is complete
+                    if epoch_skips.total:
+                        log.warning("epoch %d: %s", epoch, epoch_skips.summary())
+                    epoch, epoch_skips = ep, SkipLog()
                 self.skips.update(batch.skipped)
                 epoch_skips.update(batch.skipped)
                 rows = [len(batch)]
@@ -278,11 +285,6 @@ class Trainer:
                     continue
                 self.step += 1
                 seen += sum(rows)
-                ep = getattr(self.loader, "epoch", 0)
-                if ep != epoch:
-                    if epoch_skips.total:
-                        log.warning("epoch %d: %s", epoch, epoch_skips.summary())
-                    epoch, epoch_skips = ep, SkipLog()
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     metrics = self._mean_over_ranks(metrics)
                     dt = time.perf_counter() - t0
@@ -308,6 +310,8 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
+            if epoch_skips.total:                # the epoch the run ended in, as far as it got
+                log.warning("epoch %d (to step %d): %s", epoch, self.step, epoch_skips.summary())
             for s, h in handlers.items():
                 signal.signal(s, h)
         if self.dist.enabled:                    # every rank's skips in the run's record
