@@ -167,6 +167,8 @@ def test_discover_recipes_from_a_directory_or_a_list(tmp_path):
         discover_recipes(lst)
     with pytest.raises(FileNotFoundError):
         discover_recipes(tmp_path / "nope")
+    bundled = [p.stem for p in discover_recipes("ablations/sycoca")]     # a bundled study by its name
+    assert bundled[0] == "1-coca" and "8-sycoca-narrow" in bundled
 
 
 def test_format_table_on_hand_rows():

@@ -81,6 +81,14 @@ def test_parse_overrides_nested_and_typed():
         parse_overrides(["novalue"])
 
 
+def test_misspelt_objective_option_is_named_at_load_time():
+    with pytest.raises(ConfigError, match=r"objectives\.itc\.wieght: unknown option; did you mean 'weight'"):
+        load_config("clip", ["objectives.itc.wieght=1"])
+    with pytest.raises(ConfigError, match=r"objectives\.ic\.smoothing: .*ic takes: weight, label_smoothing"):
+        load_config("coca", ["objectives.ic.smoothing=0.1"])
+    assert load_config("coca", ["objectives.ic.label_smoothing=0.1"]).objectives["ic"]["label_smoothing"] == 0.1
+
+
 def test_bundled_recipes_all_load():
     from finealign.config import bundled_recipes
     recipes = bundled_recipes()

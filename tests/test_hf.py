@@ -91,11 +91,14 @@ def test_hf_clip_loads_with_same_embeddings(tmp_path, act, legacy_eos):
     assert torch.allclose(model.get_logit_scale(), hf.logit_scale.exp())
 
 
-def test_hf_clip_without_tokenizer_loads_images_only(tmp_path):
+def test_hf_clip_without_tokenizer_loads_images_only(tmp_path, capsys):
     _save_tiny_clip(tmp_path, tokenizer=False)
     loaded = finealign.from_pretrained(tmp_path)
     assert loaded.tokenizer is None
     assert loaded.model.encode_image(torch.zeros(1, 3, 16, 16))["embed"].shape == (1, 24)
+    from finealign.cli import main                      # text tasks: a clear error, not a traceback
+    assert main(["eval", str(tmp_path), "--task", "retrieval", "--no-progress"]) == 2
+    assert "without a tokenizer" in capsys.readouterr().err
 
 
 def _minilm_dir() -> Path:

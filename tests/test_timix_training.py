@@ -117,6 +117,8 @@ def test_study_plot_groups_rows_into_series(tmp_path):
         "nomix": [(0.25, 4.0, 1.0), (1.0, 10.0, 1.0)], "timix": [(0.25, 6.0, 1.0), (1.0, 11.0, 1.0)]}
     with pytest.raises(ValueError, match="no varied key"):
         study_series(results, "train.lr", "t2i_r1")
+    with pytest.raises(ValueError, match="'t2i_r1_typo'; the rows report: t2i_r1"):
+        study_series(results, "data.fraction", "t2i_r1_typo")
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
     assert main(["viz", "study", str(path), "--out", str(tmp_path / "s.png")]) == 0

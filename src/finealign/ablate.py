@@ -63,9 +63,12 @@ class AblationInterrupted(RuntimeError):
 # ---------------------------------------------------------------- recipes
 
 def discover_recipes(path: str | os.PathLike) -> list[Path]:
-    """The recipe files of a study: a directory's ``*.yaml``/``*.yml`` sorted by name, or a list file's."""
-    from .config import find_recipe
+    """The recipe files of a study: a directory's ``*.yaml``/``*.yml`` sorted by name, or a list file's.
+    A path that does not exist is looked up among the bundled recipes too (``ablations/sycoca``)."""
+    from .config import CONFIG_DIR, find_recipe
     p = Path(path)
+    if not p.exists() and not p.is_absolute() and (CONFIG_DIR / p).exists():
+        p = CONFIG_DIR / p
     if p.is_dir():
         found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml")
                        and not f.name.startswith(("_", ".")))

@@ -7,8 +7,8 @@ from .config import ConfigError
 def check(cfg) -> None:
     from .registry import OBJECTIVES
     from . import objectives as _  # noqa: F401  (registers the objectives)
-    for name in cfg.objectives:
-        OBJECTIVES.get(name)  # raises with a suggestion on a typo
+    for name, opts in cfg.objectives.items():
+        _check_options(name, OBJECTIVES.get(name), opts)  # get raises with a suggestion on a typo
     if cfg.train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be fp32 or bf16, got {cfg.train.precision!r}")
     if cfg.data.batch_size % cfg.train.grad_accum:
@@ -202,3 +202,21 @@ def _validate_towers(cfg) -> None:
         if m.decoder_layers > 0:
             raise ConfigError("model.text_tower=hf is a bidirectional encoder: it cannot feed a caption decoder; "
                               "set model.decoder_layers=0 (CLIP-style, e.g. the clip recipe)")
+
+
+def _check_options(name: str, cls, opts) -> None:
+    """``objectives.NAME.KEY`` must be ``weight`` or a keyword of the objective's constructor."""
+    import difflib
+    import inspect
+    if not isinstance(opts, dict):
+        raise ConfigError(f"objectives.{name} must be a mapping of options (e.g. {{weight: 1.0}}), got {opts!r}")
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = ["weight"] + [k for k, p in params.items() if k != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in opts:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"objectives.{name}.{key}: unknown option{hint} ({name} takes: {', '.join(known)})")
+

@@ -25,7 +25,8 @@ def study_series(results: dict, x: str, metric: str) -> dict[str, list[tuple[flo
         name = row["recipe"].rsplit("-", 1)[0]
         series.setdefault(name, []).append((float(varied[x]), stat["mean"], stat["std"]))
     if not series:
-        raise ValueError(f"no row reports metric {metric!r}")
+        known = sorted({k for row in results["rows"] for k, v in (row.get("metrics") or {}).items() if v})
+        raise ValueError(f"no row reports metric {metric!r}; the rows report: {', '.join(known) or 'none'}")
     return {k: sorted(v) for k, v in series.items()}
 
 
