@@ -69,7 +69,8 @@ def test_caption_uses_only_kept_patches(sycoca):
 
 
 def test_mim_encoder_never_sees_masked_pixels():
-    cfg = load_config("sycoca", ["model.mim_visible=reencode"])        # the MAE-style second pass
+    cfg = load_config("sycoca")                  # the recipe's MAE-style second pass over the visible patches
+    assert cfg.model.mim_visible == "reencode"
     torch.manual_seed(0)
     model = build_model(cfg.model, 64).eval()
     b = _batch(cfg)
