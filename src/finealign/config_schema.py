@@ -51,9 +51,10 @@ class ModelConfig:
     mim_visible: str = "reencode"    # what the image decoder reads at the visible patches (CoCa arch):
                                      # reencode: a second ViT pass over the visible patches only (MAE-style; the
                                      # masked patches never reach it) | shared: the first full-image pass's tokens
-                                     # there (no second pass: 1.24x instead of 1.39x CoCa's step at bench-tiny;
-                                     # they have attended to the masked patches, so their content can leak
-                                     # into the reconstruction). The sycoca recipe: shared + decoder scale 0.5
+                                     # there (no second pass: 0.97x instead of 1.14x CoCa's step at bench-tiny
+                                     # bf16 with the half-width decoder; they have attended to the masked
+                                     # patches, so their content can leak into the reconstruction). The sycoca
+                                     # recipe: reencode + decoder scale 0.5
     mim_target: str = "pixel"        # pixel: normalised pixels | semantic: the teacher's prototype distribution
                                      # (SemMIM; fusion arch with model.prototypes > 0 and a teacher)
     text_fused_targets: bool = False  # semantic targets from teacher patches fused with the text first
