@@ -164,6 +164,15 @@ def test_text_only_training_leaves_the_backbone_frozen_and_reloads(tmp_path, cap
         assert mc.answer(images, ["what colour?"] * 2, beam_size=beams) == want
     with pytest.raises(ValueError, match="beam_size"):
         mc.answer(images, ["what colour?"] * 2, beam_size=0)
+    # inference knobs change on a trained model (eval overrides reach it); the adaptor's shape cannot
+    mc.set_inference(subregions=3, samples=1)
+    assert mc.image_memory(images)[0].shape[:2] == (2, 3) and mc.mc.samples == 1
+    mc.set_inference(subregions=0, noise_var=0.0)
+    assert mc.image_memory(images)[0].shape[:2] == (2, mc.mc.copies) and mc.noise_var == 0.0
+    with pytest.raises(ConfigError, match="maccap.queries is fixed by training"):
+        mc.set_inference(queries=4)
+    with pytest.raises(ConfigError, match="must be a number"):
+        mc.set_inference(noise_var="auto")
     from PIL import Image
     from finealign.cli import main
     png = tmp_path / "red.png"
@@ -172,6 +181,10 @@ def test_text_only_training_leaves_the_backbone_frozen_and_reloads(tmp_path, cap
     assert main(["caption", str(bb), "--zero-shot", str(png)]) == 2      # not a MacCap run: a clear error
     err = capsys.readouterr().err
     assert "--zero-shot needs a MacCap run" in err
+    assert main(["eval", str(run), "--task", "caption", "maccap.adaptor_width=8", "--no-progress"]) == 2
+    assert "maccap.adaptor_width is fixed by training" in capsys.readouterr().err
+    assert main(["eval", str(bb), "--task", "retrieval", "maccap.subregions=0", "--no-progress"]) == 2
+    assert "apply to MacCap runs" in capsys.readouterr().err
 
 
 def test_hf_causal_lm_from_a_local_directory(tmp_path):

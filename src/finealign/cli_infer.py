@@ -20,6 +20,10 @@ def cmd_eval(args) -> int:
     if args.strict:
         data["strict"] = True
     cfg = from_dict(merge(loaded.config.to_dict(), extra))
+    if extra.get("maccap"):
+        if not callable(getattr(loaded.model, "set_inference", None)):
+            raise ValueError(f"maccap.* overrides apply to MacCap runs; {loaded.path} is not one")
+        loaded.model.set_inference(**extra["maccap"])      # the model was built from the checkpoint's config
     split = args.split or cfg.data.test
     from .distributed import destroy, info, init_distributed
     had_group = info().enabled

@@ -51,6 +51,22 @@ class MacCap(nn.Module):
         self.backbone.eval()                           # frozen
         return self
 
+    INFERENCE_KEYS = ("subregions", "subregion_weight", "samples", "rerank", "noise_var")
+
+    def set_inference(self, **knobs) -> None:
+        """Change inference-time settings of a trained model (``finealign eval RUN maccap.subregions=0``):
+        ``subregions``, ``subregion_weight``, ``samples``, ``rerank``, ``noise_var`` (a number). The other
+        ``maccap`` keys shape the trained adaptor and cannot change after training."""
+        from ..config import ConfigError
+        fixed = sorted(set(knobs) - set(self.INFERENCE_KEYS))
+        if fixed:
+            raise ConfigError(f"maccap.{fixed[0]} is fixed by training; at inference only "
+                              f"{', '.join('maccap.' + k for k in self.INFERENCE_KEYS)} can change")
+        if "noise_var" in knobs and isinstance(knobs["noise_var"], str):
+            raise ConfigError("maccap.noise_var at inference must be a number (auto is resolved when training)")
+        self.mc = dataclasses.replace(self.mc, **knobs)
+        self.noise_var = float(self.mc.noise_var)
+
     # ------------------------------------------------------------------ backbone (frozen)
     def encode_image(self, images: Tensor, **kw) -> dict:
         return self.backbone.encode_image(images, memory=False)
