@@ -213,10 +213,10 @@ def _check_options(name: str, cls, opts) -> None:
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    known = ["weight"] + [k for k, p in params.items() if k != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    known = ["weight"] + [k for k, p in params.items()
+                          if k != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
     for key in opts:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"objectives.{name}.{key}: unknown option{hint} ({name} takes: {', '.join(known)})")
-

@@ -87,7 +87,7 @@ def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Seq
     if "vqa" in tasks and not can_answer(model):
         log.warning("model has no answer() method (only MacCap models answer questions): skipping the vqa task")
         tasks.remove("vqa")
-    text_tasks = [t for t in (tasks or IMAGE_TASKS) if t != "vqa"]
+    text_tasks = [t for t in (IMAGE_TASKS if asked_none else tasks) if t != "vqa"]
     if tokenizer is None and text_tasks:
         raise ValueError(f"eval tasks {', '.join(text_tasks)} read text, but the model came without a tokenizer "
                          "(a Hugging Face CLIP directory needs its tokenizer.json beside config.json)")

@@ -31,7 +31,6 @@ class AttentionalPooler(nn.Module):
         mask = None if key_mask is None else key_mask.bool()[:, None, None, :]  # (B, 1, 1, N)
         return self.ln_out(self.attn(q, context=self.ln_kv(tokens), mask=mask))
 
-
     def query_attention(self, tokens: Tensor, query: int = 0) -> Tensor:
         """How much query ``query`` attends to each token: (B, N), averaged over heads (rows sum to 1)."""
         B = tokens.shape[0]

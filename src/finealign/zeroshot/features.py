@@ -4,8 +4,8 @@
                copies_l = normalise(e + ε_l), ε_l ~ N(0, σ² I)    (B, L, E)   L independent draws
     inference  A = last-layer attention of the image encoder (head-averaged); a = the global token's
                attention over the patches (CLIP: the cls row A[0, 1:]; CoCa: the attentional pooler's
-               contrastive query); top-k patches by a; subregion_i = normalise(Σ_j A[i, j] · P(v_j))   P = projection into
-               the contrastive space; memory_i = normalise(normalise(g + w · subregion_i) + ε_i)
+               contrastive query); top-k patches by a; subregion_i = normalise(Σ_j A[i, j] · P(v_j)),
+               P = projection into the contrastive space; memory_i = normalise(normalise(g + w · subregion_i) + ε_i)
 Both give the adaptor a (B, L or k, E) memory of unit vectors around the caption / image embedding.
 """
 from __future__ import annotations
