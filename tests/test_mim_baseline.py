@@ -9,14 +9,7 @@ from finealign.pipeline import Pipeline
 from finealign.train.logging import read_metrics
 from finealign.train.loop import Trainer
 from finealign.types import Batch
-
-
-def _batch(cfg, B=4, T=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(4, 50, (B, T), generator=g)
-    S = cfg.model.image_size
-    return Batch(images=torch.randn(B, 3, S, S, generator=g), text=text, text_mask=torch.ones(B, T, dtype=torch.bool),
-                 image_ids=torch.arange(B), item_ids=torch.arange(B), captions=[""] * B, keys=[""] * B)
+from test_sycoca import _batch          # random images and token ids (row 0 padded)
 
 
 def test_masks_are_random_halves_drawn_without_the_text():
@@ -25,7 +18,7 @@ def test_masks_are_random_halves_drawn_without_the_text():
     model = build_model(cfg.model, 64).eval()
     pipe = Pipeline(model, cfg.masking, needs={"mim_pred"})
     assert not pipe.needs_relevance                      # random masks: no patch-text relevance computed
-    b = _batch(cfg)
+    b = _batch(cfg, B=4)
     N = model.visual.num_patches
     seen = []
     for seed in (0, 1):
@@ -46,7 +39,7 @@ def test_decoder_reads_neither_the_text_nor_the_masked_pixels():
     torch.manual_seed(0)
     model = build_model(cfg.model, 64).eval()
     assert not any("cross" in n for n, _ in model.image_decoder.named_parameters())
-    b = _batch(cfg)
+    b = _batch(cfg, B=4)
     N, p = model.visual.num_patches, cfg.model.patch_size
     mim = MaskIndices(keep=torch.arange(N // 2).expand(4, -1), masked=torch.arange(N // 2, N).expand(4, -1))
 
