@@ -20,7 +20,6 @@ __all__ = ["DEFAULT_TEMPLATE", "can_answer", "normalize_answer", "evaluate_vqa"]
 log = logging.getLogger("finealign")
 DEFAULT_TEMPLATE = "Question: {} Short answer:"
 MAX_NEW_TOKENS = 5
-DEFAULT_BEAM_SIZE = 5                     # MacCap's zero-shot VQA decodes with beam 5
 
 _NUMBERS = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five", "6": "six",
             "7": "seven", "8": "eight", "9": "nine", "10": "ten"}
@@ -73,7 +72,7 @@ def evaluate_vqa(model, cfg, split: str, device: torch.device | str = "cpu", max
     if not items:
         raise ValueError(f"vqa: split {split!r} has no questions")
     template = getattr(cfg.eval, "vqa_template", None) or DEFAULT_TEMPLATE
-    beam_size = int(getattr(cfg.eval, "vqa_beam_size", DEFAULT_BEAM_SIZE))
+    beam_size = int(cfg.eval.vqa_beam_size)
     transform = ImageTransform(cfg.model.image_size, train=False)
     device = torch.device(device)
     batch_size = max(1, int(cfg.data.eval_batch_size))
