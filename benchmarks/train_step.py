@@ -244,7 +244,7 @@ def main():
     results = {label: [] for label, _, _ in configs}
     common = ["--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
               str(args.warmup), "--device", args.device] + (["--bf16"] if args.bf16 else [])
-    for _ in range(args.rounds):
+    for rnd in range(args.rounds):
         for label, impl, extra in configs:
             cmd = [sys.executable, __file__, "--impl", impl, *common]
             cmd += [f"--set={o}" for o in [*(args.set or []), *extra] if impl != "open_clip"]
@@ -253,29 +253,34 @@ def main():
                 print(out.stderr[-2000:], file=sys.stderr)
                 print(f"{label} failed (left out of the table)", file=sys.stderr)
                 continue
-            results[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results[label].append({**json.loads(out.stdout.strip().splitlines()[-1]), "round": rnd})
     prec = "bf16" if args.bf16 else "fp32"
     peaks = [r["peak_tflops"] for rs in results.values() for r in rs]
     peak = f"{statistics.median(peaks):.2f} ({min(peaks):.2f}-{max(peaks):.2f})" if peaks else "n/a"
     print(f"\ndevice={args.device} preset={args.preset} batch={args.batch} precision={prec} rounds={args.rounds} "
           f"steps/round={args.steps} matmul peak={peak} TFLOP/s" + (f" overrides={' '.join(args.set)}" if args.set else ""))
-    print("MFU: median over rounds of (step FLOPs / step time / the matmul peak measured in that process)")
+    print("MFU: median over rounds of (step FLOPs / step time / the matmul peak measured in that process); "
+          "step time vs first: ratio of the median step times, then the range of the per-round ratios")
     width = max(16, max(len(label) for label in results) + 1)
     print(f"{'impl':<{width}} {'samples/s':>10} {'step ms':>9} {'GFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'MFU range':>13} {'peak MB':>9} {'step time vs first':>19}")
-    base = None
+          f"{'MFU range':>13} {'peak MB':>9} {'step time vs first':>19} {'per round':>13}")
+    base = base_rounds = None
     for label, rs in results.items():
         if not rs:
             continue
         sps = statistics.median(r["samples_per_s"] for r in rs)
         step_ms = 1000 * args.batch / sps
         base = base or step_ms
+        by_round = {r["round"]: 1.0 / r["samples_per_s"] for r in rs}
+        base_rounds = base_rounds or by_round
+        ratios = [t / base_rounds[k] for k, t in by_round.items() if k in base_rounds]
+        per_round = f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "n/a"
         gflop = rs[0]["gflop"]
         mfus = [r["mfu"] for r in rs]
         span = f"{min(mfus):.1%}-{max(mfus):.1%}"
         print(f"{label:<{width}} {sps:10.1f} {step_ms:9.1f} {gflop:11.1f} {gflop / step_ms:8.2f} "
               f"{statistics.median(mfus):6.1%} {span:>13} {max(r['peak_rss_mb'] for r in rs):9.0f} "
-              f"{step_ms / base:18.2f}x")
+              f"{step_ms / base:18.2f}x {per_round:>13}")
 
 
 if __name__ == "__main__":
