@@ -152,6 +152,37 @@ def test_corrupt_latest_falls_back(tmp_path, caplog):
         find_checkpoint(tmp_path)
 
 
+def _flip_last_byte(path):
+    """Bit rot: one byte of the file's tail (tensor data, not a header) changed in place; the size stays."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size - 1)
+        last = f.read(1)[0]
+        f.seek(size - 1)
+        f.write(bytes([last ^ 0x01]))
+    assert path.stat().st_size == size
+
+
+@pytest.mark.parametrize("fname", ["model.safetensors", "state.pt"])
+def test_same_size_corruption_is_caught_by_the_checksum(tmp_path, caplog, fname):
+    """A changed byte that keeps the file's size (and leaves it parseable) fails the sha256 check: "latest"
+    falls back to the previous checkpoint, and a checkpoint dir named directly is refused, not loaded."""
+    model, opt, _ = _make()
+    _train(model, opt)
+    save_checkpoint(tmp_path, 1, model, CONFIG, opt)
+    _train(model, opt)
+    newest = save_checkpoint(tmp_path, 2, model, CONFIG, opt)
+    bad = newest / fname
+    _flip_last_byte(bad)
+    with caplog.at_level(logging.WARNING, logger="finealign.train.checkpoint"):
+        assert find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoints" / "step_00000001"
+    assert str(bad) in caplog.text and "sha256" in caplog.text
+    with pytest.raises(CheckpointError, match=f"step_00000002/{fname} is corrupt: sha256"):
+        load_checkpoint(newest, Net(), torch.optim.AdamW(Net().parameters()))
+    if fname == "model.safetensors":                         # the flipped file still parses: only the check stops it
+        assert load_checkpoint(newest, Net(), verify=False)["step"] == 2
+
+
 def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     model, opt, _ = _make()
     save_checkpoint(tmp_path, 1, model, CONFIG, opt)
