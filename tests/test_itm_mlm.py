@@ -31,15 +31,30 @@ def test_mlm_equals_hand_computed_ce_and_uses_original_tokens():
     out = obj(feats, _batch(text), StepContext())
     assert out["loss"].item() == pytest.approx(expected, abs=1e-6)
     assert out["acc"].item() == pytest.approx(0.5)         # row 0 right (5), row 1 argmax 0 != 6
-    # the model fed itself a corrupted copy (mask id 3 at both positions); the targets still come from
-    # batch.text, so the loss is unchanged -- and only if batch.text itself held 3s would it change
+    # the targets are read from the text passed in at the given positions: had batch.text held the
+    # corrupted copy the model saw (mask id 3 at both positions), the loss would be CE against 3s
     corrupted = text.clone()
     corrupted[positions[:, 0], positions[:, 1]] = 3
-    assert not torch.equal(corrupted, text)
-    out2 = obj(Features(extras={"mlm_logits": logits, "mlm_positions": positions}), _batch(text), StepContext())
-    assert out2["loss"].item() == pytest.approx(expected, abs=1e-6)
     other = mlm_loss(logits, positions, corrupted)[0]
     assert other.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([3, 3])).item(), abs=1e-6)
+    assert abs(other.item() - expected) > 0.5
+
+
+def test_mlm_label_smoothing_by_hand():
+    """label_smoothing ε: (1 - ε) · CE + ε · the mean over the V classes of -log p."""
+    text = torch.tensor([[1, 4, 5, 2], [1, 6, 2, 0]])
+    positions = torch.tensor([[0, 2], [1, 1]])            # targets: 5 and 6
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0],
+                           [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    eps, V = 0.2, 7
+    rows = []
+    for row, target in zip(logits.tolist(), (5, 6)):
+        lse = math.log(sum(math.exp(x) for x in row))
+        nll = [lse - x for x in row]
+        rows.append((1 - eps) * nll[target] + eps * sum(nll) / V)
+    out = MaskedLanguageModeling(label_smoothing=eps)(
+        Features(extras={"mlm_logits": logits, "mlm_positions": positions}), _batch(text), StepContext())
+    assert out["loss"].item() == pytest.approx(sum(rows) / 2, abs=1e-6)
 
 
 def test_mlm_gradient_and_empty_and_errors():

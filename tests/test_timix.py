@@ -1,6 +1,7 @@
 """TiMix: window selection, λ, soft labels, mixed ITC, PTA labels and head, config checks."""
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -73,6 +74,14 @@ def test_mixup_blends_with_the_reversed_batch():
     assert torch.allclose(mix.images, lam * imgs + (1 - lam) * imgs.flip(0))
 
 
+def test_mixup_draws_lambda_from_beta_alpha_alpha():
+    """One λ per batch, drawn as Beta(alpha, alpha) from the given generator."""
+    imgs = torch.randn(4, 3, G * P, G * P)
+    for alpha in (0.2, 1.0, 4.0):
+        mix = MixupMixer(P, alpha=alpha)(imgs, None, random.Random(7))
+        assert mix.lam.tolist() == pytest.approx([random.Random(7).betavariate(alpha, alpha)] * 4, abs=1e-6)
+
+
 def test_window_side_range_and_paste_rejects_unequal_sides():
     rnd = random.Random(0)
     sides = {window_side(8, (0.35, 0.75), rnd) for _ in range(200)}
@@ -136,6 +145,48 @@ def test_mixed_itc_by_hand_for_two_pairs():
     logits = s * mixed @ txt.t()
     ref = (-(y * logits.log_softmax(1)).sum(1).mean() - (y * logits.t().log_softmax(1)).sum(1).mean()) / 2
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_mixed_itc_soft_labels_by_hand_in_both_directions():
+    """label_alpha 0.5, an asymmetric similarity, a λ per image and a 3-cycle source (src is not its own
+    inverse): y_i2t[r] = λ_r P[r] + (1 - λ_r) P[src r] with P from the image->text softmax, and text j's
+    target over mixed image r ∝ λ_r Pt[j, r] + (1 - λ_r) Pt[j, src r] with Pt from the text->image softmax."""
+    g = torch.Generator().manual_seed(4)
+    img = F.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    mixed = F.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    lam, src, scale, a = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([1, 2, 0]), torch.tensor(3.0), 0.5
+    loss, y_i2t, y_t2i = mixed_contrastive_loss(mixed, img, txt, scale, lam, src, label_alpha=a)
+    sim = [[3.0 * float(img[i] @ txt[j]) for j in range(3)] for i in range(3)]
+
+    def softmax(xs):
+        e = [math.exp(x) for x in xs]
+        return [x / sum(e) for x in e]
+
+    P = [[(1 - a) * (i == j) + a * p for j, p in enumerate(softmax(sim[i]))] for i in range(3)]
+    Pt = [[(1 - a) * (j == r) + a * p for r, p in enumerate(softmax([sim[r][j] for r in range(3)]))]
+          for j in range(3)]
+    lam_, src_ = lam.tolist(), src.tolist()
+    want_i2t = [[lam_[r] * P[r][j] + (1 - lam_[r]) * P[src_[r]][j] for j in range(3)] for r in range(3)]
+    raw_t2i = [[lam_[r] * Pt[j][r] + (1 - lam_[r]) * Pt[j][src_[r]] for r in range(3)] for j in range(3)]
+    want_t2i = [[x / sum(row) for x in row] for row in raw_t2i]
+    assert torch.allclose(y_i2t, torch.tensor(want_i2t), atol=1e-6)
+    assert torch.allclose(y_t2i, torch.tensor(want_t2i), atol=1e-6)
+    logits = [[3.0 * float(mixed[r] @ txt[j]) for j in range(3)] for r in range(3)]
+    i2t = -sum(want_i2t[r][j] * math.log(softmax(logits[r])[j]) for r in range(3) for j in range(3)) / 3
+    t2i = -sum(want_t2i[j][r] * math.log(softmax([logits[q][j] for q in range(3)])[r])
+               for j in range(3) for r in range(3)) / 3
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+
+
+def test_mixed_itc_weight_ramps_linearly_over_its_steps():
+    """γ = step / ramp up to 1; ramp 0 takes the epoch's length; with neither known γ is 1."""
+    from finealign.objectives.base import StepContext
+    from finealign.objectives.mixed_itc import MixedITC
+    obj = MixedITC(ramp=4)
+    assert [obj.gamma(StepContext(step=s)) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert MixedITC().gamma(StepContext(step=3, steps_per_epoch=12)) == 0.25
+    assert MixedITC().gamma(StepContext(step=0)) == 1.0
 
 
 def test_no_gradient_flows_into_the_label_distribution():
