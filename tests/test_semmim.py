@@ -65,6 +65,32 @@ def test_agreement_crosses_views_updates_centre_and_warms_temperature():
     assert torch.allclose(obj.center, 0.19 * t.reshape(-1, 5).mean(0))
 
 
+def test_semantic_mim_loss_by_hand_with_its_temperatures_and_centre():
+    """Per masked patch: CE(softmax((t - c) / τ_t), softmax(s / τ_s)), averaged over patches; the centre
+    then moves to m·c + (1 - m)·mean(t) and is subtracted at the next call."""
+    obj = SemanticMIM(student_temp=0.2, teacher_temp=0.05, teacher_temp_final=0.05, center_momentum=0.8)
+    s = torch.tensor([[[0.3, -0.2, 0.1], [0.0, 0.4, -0.3]]])          # (B 1, M 2, K 3)
+    t = torch.tensor([[[0.10, 0.00, 0.05], [-0.02, 0.06, 0.01]]])
+
+    def softmax(xs):
+        e = [math.exp(x - max(xs)) for x in xs]
+        return [x / sum(e) for x in e]
+
+    def want(center):
+        total = 0.0
+        for sp, tp in zip(s[0].tolist(), t[0].tolist()):
+            p = softmax([(x - c) / 0.05 for x, c in zip(tp, center)])
+            q = softmax([x / 0.2 for x in sp])
+            total -= sum(pi * math.log(qi) for pi, qi in zip(p, q))
+        return total / 2
+
+    feats = Features(extras={"mim_pred": s, "mim_teacher_logits": t})
+    assert obj(feats, None, StepContext())["loss"].item() == pytest.approx(want([0.0] * 3), rel=1e-5)
+    center = [0.2 * m for m in t[0].mean(0).tolist()]                   # 0.8 · 0 + 0.2 · mean
+    assert obj.center.tolist() == pytest.approx(center, abs=1e-7)
+    assert obj(feats, None, StepContext())["loss"].item() == pytest.approx(want(center), rel=1e-5)
+
+
 def test_semantic_targets_are_the_teachers_masked_patches_and_teacher_gets_no_gradient():
     cfg = _cfg("model.text_fused_targets=false")
     torch.manual_seed(0)
