@@ -111,6 +111,19 @@ def test_bleu_hand_value():
     assert s["cider"] == 0.0                                 # single image: every IDF is log(1/1) = 0
 
 
+def test_rouge_l_hand_value_is_asymmetric_in_candidate_and_references():
+    """ROUGE-L: LCS precision over the candidate and recall over the best reference, F with β = 1.2.
+    candidate "a red heart" vs reference "a big red heart on white": LCS 3, P = 3/3, R = 3/6; swapping
+    candidate and reference gives P = 1/2, R = 1, a different score, so a swap in the wrapper shows."""
+    def f(p, r, beta=1.2):
+        return (1 + beta ** 2) * p * r / (r + beta ** 2 * p)
+    s = score_captions({0: ["a big red heart on white"]}, {0: "a red heart"}, meteor=False, tokenizer="simple")
+    assert s["rouge_l"] == pytest.approx(100 * f(1.0, 0.5), abs=1e-4)
+    swapped = score_captions({0: ["a red heart"]}, {0: "a big red heart on white"}, meteor=False, tokenizer="simple")
+    assert swapped["rouge_l"] == pytest.approx(100 * f(0.5, 1.0), abs=1e-4)
+    assert abs(s["rouge_l"] - swapped["rouge_l"]) > 1.0
+
+
 def test_caption_scores_order_and_meteor():
     good = score_captions(REFS, GOOD, meteor=java_available())
     wrong = score_captions(REFS, WRONG, meteor=False)
