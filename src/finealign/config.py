@@ -61,6 +61,20 @@ def find_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
     raise ConfigError(f"no recipe {name_or_path!r}{hint} (bundled: {', '.join(known)})")
 
 
+def _expand(parts: list[str], value: Any) -> Any:
+    """The shorthands ``objectives.NAME: 1.0`` (= ``{weight: 1.0}``) and ``mixer: timix`` (= ``{type: timix}``)
+    as the mappings they stand for, so that merging one over a recipe sets that key and keeps the others."""
+    if parts == ["mixer"] and isinstance(value, str):
+        return {"type": value}
+    if len(parts) == 2 and parts[0] == "objectives" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"weight": float(value)}
+    if parts == ["objectives"] and isinstance(value, dict):
+        return {k: _expand(["objectives", k], v) for k, v in value.items()}
+    if not parts and isinstance(value, dict):
+        return {k: _expand([k], v) for k, v in value.items()}
+    return value
+
+
 def merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -75,7 +89,7 @@ def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
     path = find_recipe(name_or_path, _seen[-1].parent if _seen else None).resolve()
     if path in _seen:
         raise ConfigError(f"recipe base cycle: {' -> '.join(map(str, _seen + (path,)))}")
-    raw = _load_yaml(path)
+    raw = _expand([], _load_yaml(path))
     base = raw.pop("base", None)
     if base:
         raw = merge(load_recipe_dict(str(base), _seen + (path,)), raw)
@@ -96,9 +110,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier one")
         try:
-            node[parts[-1]] = yaml.safe_load(val) if val != "" else ""
+            value = _expand(parts, yaml.safe_load(val) if val != "" else "")
         except yaml.YAMLError as e:   # e.g. a !!python tag: refused, nothing constructed
             raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
+        old = node.get(parts[-1])
+        # `mixer.alpha=0.2 mixer=mixup`: the shorthand adds its key to the earlier override's mapping
+        node[parts[-1]] = merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
     return out
 
 
@@ -187,7 +204,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None,
         raw = load_recipe_dict(recipe)
         raw.setdefault("recipe", Path(recipe).stem if recipe.endswith(".yaml") else recipe)
     if extra:
-        raw = merge(raw, extra)
+        raw = merge(raw, _expand([], extra))
     if overrides:
         raw = merge(raw, parse_overrides(overrides))
     return from_dict(raw)
