@@ -219,6 +219,21 @@ def test_patch_labels_follow_the_box_definition():
     assert labels.sum() == 0 and not has.any()
 
 
+def test_pta_objective_without_regions_is_zero_and_says_so_once(caplog):
+    from finealign.objectives.base import StepContext
+    from finealign.objectives.pta import PTA
+    from finealign.types import Batch, Features
+    logp = torch.randn(2, 16, 2, requires_grad=True).log_softmax(-1)
+    batch = Batch(images=torch.zeros(2, 3, 16, 16), text=torch.ones(2, 3, dtype=torch.long),
+                  text_mask=torch.ones(2, 3, dtype=torch.bool), image_ids=torch.arange(2), item_ids=torch.arange(2),
+                  captions=["a", "b"], keys=["a", "b"])
+    obj = PTA()
+    with caplog.at_level("WARNING", logger="finealign.objectives.pta"):
+        outs = [obj(Features(extras={"pta_logp": logp}), batch, StepContext()) for _ in range(2)]
+    assert all(o["loss"].item() == 0.0 and o["with_regions"].item() == 0.0 for o in outs)
+    assert caplog.text.count("without region boxes") == 1
+
+
 def test_pta_head_outputs_log_probabilities_and_uses_the_text():
     torch.manual_seed(0)
     head = PTAHead(16, 12, 8)
@@ -244,5 +259,11 @@ def test_config_checks_for_mixing():
         load_config("clip", ["objectives.pta.weight=1"])
     with pytest.raises(ConfigError, match="did you mean 'timix'"):
         load_config("clip", ["mixer.type=timx", "objectives.mixed_itc.weight=1"])
+    # TiMix would read its windows off a PTA head that no objective trains (a random network)
+    with pytest.raises(ConfigError, match="no objective trains it: add objectives.pta"):
+        load_config("clip", ["mixer=timix", "objectives.mixed_itc.weight=1", "model.pta=true"])
+    with pytest.raises(ConfigError, match="no objective trains it"):
+        load_config("timix", ["objectives.pta.weight=0"])
+    assert load_config("timix", ["objectives.pta.weight=0", "mixer.scores=relevance"]).mixer.scores == "relevance"
     cfg = load_config("timix")
     assert cfg.mixer.type == "timix" and cfg.model.pta and build_mixer(cfg.mixer, 4).needs_scores

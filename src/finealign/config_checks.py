@@ -149,6 +149,10 @@ def _validate_mixing(cfg) -> None:
         raise ConfigError(f"mixer.scores must be auto, pta or relevance, got {mx.scores!r}")
     if (mx.scores == "pta" or "pta" in active) and not cfg.model.pta:
         raise ConfigError("the PTA scores / objectives.pta need the patch-text alignment head: set model.pta=true")
+    if mx.type == "timix" and cfg.model.pta and mx.scores != "relevance" and "pta" not in active:
+        raise ConfigError("mixer.type=timix would score patches with the PTA head (model.pta=true), but no "
+                          "objective trains it: add objectives.pta (e.g. objectives.pta.weight=1), or score by "
+                          "relevance (mixer.scores=relevance, or model.pta=false)")
     if cfg.model.pta_block < 0 or cfg.model.pta_block > cfg.model.vision_layers:
         raise ConfigError(f"model.pta_block must be in 0..{cfg.model.vision_layers} (0 = the middle block), "
                           f"got {cfg.model.pta_block}")

@@ -10,6 +10,7 @@ the loss (``with_regions`` logs their share); a batch without any gives loss 0.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -20,6 +21,8 @@ from torch import Tensor
 from ..registry import OBJECTIVES
 from ..types import Batch, Features
 from .base import Objective, StepContext, require
+
+log = logging.getLogger(__name__)
 
 
 def patch_labels(regions: Sequence[Sequence], captions: Sequence[str], grid: int, image_size: int,
@@ -53,6 +56,7 @@ class PTA(Objective):
         if grounded not in ("all", "caption"):
             raise ValueError(f"grounded must be all or caption, got {grounded!r}")
         self.grounded = grounded
+        self._warned = False
 
     def forward(self, feats: Features, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         logp = require(feats, "pta_logp", "pta")                                   # (B, N, 2)
@@ -63,6 +67,11 @@ class PTA(Objective):
         labels, has = labels.to(logp.device), has.to(logp.device)
         share = has.float().mean()
         if not bool(has.any()):
+            if not self._warned:
+                log.warning("objectives.pta: a batch without region boxes%s gives loss 0; the PTA head learns only "
+                            "from samples with regions (with_regions logs their share)",
+                            " in the caption" if self.grounded == "caption" and any(regions) else "")
+                self._warned = True
             return {"loss": logp.sum() * 0.0, "with_regions": share}
         lp, y = logp[has].reshape(-1, 2), labels[has].reshape(-1)                  # (B'N, 2), (B'N,)
         loss = F.nll_loss(lp.float(), y)
