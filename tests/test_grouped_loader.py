@@ -1,8 +1,9 @@
 """data.sampler=grouped: batches from few groups, never two views of one item, exact resume; composes
 with any recipe through config alone."""
+import pytest
 import torch
 
-from finealign.config import load_config
+from finealign.config import ConfigError, load_config
 from finealign.data.loader import TrainLoader, build_source
 from finealign.data.skips import SkipLog
 from finealign.data.tokenizer import Tokenizer
@@ -32,6 +33,14 @@ def test_grouped_batches_have_no_item_twice_and_few_groups():
     rnd, r_groups = stats("random")
     assert sum(r_groups) / len(r_groups) > sum(g_groups) / len(g_groups) + 0.5
     assert any(len(set(b)) < len(b) for b in rnd)                   # random does pair views of one item
+
+
+def test_grouped_sampler_refuses_a_field_the_data_leaves_empty_or_a_typo():
+    """shapes-items fills category but not subcategory: one group (None) would make random batches."""
+    with pytest.raises(ConfigError, match="same data.group_by=subcategory"):
+        _loader("grouped", "subcategory")
+    with pytest.raises(ConfigError, match="did you mean 'category'"):
+        _loader("grouped", "categroy")
 
 
 def test_grouped_loader_resumes_exactly():

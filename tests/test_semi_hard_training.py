@@ -79,6 +79,15 @@ def test_refreshed_batches_keep_item_and_upper_rules(tmp_path):
     torch.testing.assert_close(sh.embeddings, want, rtol=1e-5, atol=1e-5)
 
 
+def test_refresh_every_zero_embeds_once_before_step_one(tmp_path):
+    t = Trainer(cfg(tmp_path, "data.refresh_every=0", "train.steps=3"), progress=False)
+    steps = record(t)
+    t.train()
+    assert t.refreshes == 1
+    assert [r["step"] for r in read_metrics(tmp_path) if "sampler/refresh_s" in r] == [0]
+    assert steps[0]["emb"] is not None and all(s["emb"] is steps[0]["emb"] for s in steps)
+
+
 def test_untrained_image_embeddings_fall_back_to_random_batches(tmp_path, caplog):
     """The tiny untrained ViT maps images to two tight clusters: no batch of 8 fits under UPPER."""
     t = Trainer(cfg(tmp_path, "data.refresh_embed=image", "train.steps=2"), progress=False)

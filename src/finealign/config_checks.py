@@ -1,6 +1,8 @@
 """Cross-field configuration checks: each error names the key (and the fix) before anything is built."""
 from __future__ import annotations
 
+import difflib
+
 from .config import ConfigError
 
 
@@ -78,13 +80,18 @@ def check(cfg) -> None:
     if cfg.data.sampler not in ("random", "grouped", "semi_hard"):
         raise ConfigError(f"data.sampler must be random, grouped or semi_hard, got {cfg.data.sampler!r}")
     d = cfg.data
+    group_fields = ("category", "subcategory", "label", "item_id")
+    if d.sampler == "grouped" and d.group_by not in group_fields:
+        close = difflib.get_close_matches(str(d.group_by), group_fields, n=1)
+        raise ConfigError(f"data.group_by must be one of {', '.join(group_fields)}, got {d.group_by!r}"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
     if d.sampler == "semi_hard":
         if len(d.semi_hard_band) != 2 or not d.semi_hard_band[0] <= d.semi_hard_band[1]:
             raise ConfigError(f"data.semi_hard_band must be [low, high] with low <= high, got {d.semi_hard_band}")
         if d.refresh_embed not in ("image", "text"):
             raise ConfigError(f"data.refresh_embed must be image or text, got {d.refresh_embed!r}")
         if d.refresh_every < 0:
-            raise ConfigError(f"data.refresh_every must be >= 0 (0 = never), got {d.refresh_every}")
+            raise ConfigError(f"data.refresh_every must be >= 0 (0 = only before step 1), got {d.refresh_every}")
     unknown = set(cfg.masking.sync) - {"words", "patches", "layer"}
     if unknown:
         raise ConfigError(f"masking.sync: unknown option(s) {sorted(unknown)}; valid: ['layer', 'patches', 'words']")
@@ -210,7 +217,6 @@ def _validate_towers(cfg) -> None:
 
 def _check_options(name: str, cls, opts) -> None:
     """``objectives.NAME.KEY`` must be ``weight`` or a keyword of the objective's constructor."""
-    import difflib
     import inspect
     if not isinstance(opts, dict):
         raise ConfigError(f"objectives.{name} must be a mapping of options (e.g. {{weight: 1.0}}), got {opts!r}")

@@ -75,6 +75,15 @@ class GroupedBatches(RandomBatches):
     def __init__(self, dataset, cfg: DataConfig):
         from .samplers import GroupedBatchSampler, pair_metadata
         groups, items = pair_metadata(dataset, cfg.group_by)
+        distinct, unset = set(groups), sum(g is None for g in groups)
+        if len(distinct) < 2:
+            from ..config import ConfigError
+            raise ConfigError(f"data.sampler=grouped: every training pair has the same data.group_by="
+                              f"{cfg.group_by} ({next(iter(distinct), None)!r}), so the batches would be random; "
+                              f"group by a field this data fills in (category, subcategory, label, item_id)")
+        if unset:
+            log.warning("data.group_by=%s: %d of %d training pairs have none; they form one group of their own",
+                        cfg.group_by, unset, len(groups))
         self.inner = GroupedBatchSampler(groups, items, int(cfg.batch_size), seed=int(cfg.seed),
                                          epoch_tuples=True)
         self.epoch, self.start = 0, 0
@@ -173,7 +182,8 @@ class SemiHardBatches(RandomBatches):
         self.dropped += 1
 
     def needs_refresh(self, step: int) -> bool:
-        return self.inner.needs_refresh(step)
+        """Before step 1 always (``data.refresh_every=0``: only then), then every ``refresh_every`` steps."""
+        return int(step) == 0 or self.inner.needs_refresh(step)
 
     def stats(self, epoch: int) -> dict[str, float]:
         """``{"epoch", "batches", "placed", "complete", ["left_out"], "has_embeddings", "dropped"}``
