@@ -74,7 +74,7 @@ def test_clip_variant_has_no_decoder():
     f = model(make_batch(cfg))
     assert f.caption_logits is None and f.image_embed.shape == (3, cfg.embed_dim)
     assert model.encode_image(make_batch(cfg).images)["memory"] is None
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="needs a caption decoder"):
         model.generate(make_batch(cfg).images, BOS, EOS, PAD)
     # cls pooling with a decoder: a separate memory pooler
     m2 = build_model(model_cfg("tiny", image_pool="cls"), VOCAB)
@@ -251,3 +251,119 @@ def test_open_clip_decoder_layout_adds_one_mlp_per_layer_and_keeps_cache_exact()
     kw = dict(strategy="greedy", max_new_tokens=6)
     assert torch.equal(oc.generate(images, BOS, EOS, PAD, use_cache=True, **kw),
                        oc.generate(images, BOS, EOS, PAD, use_cache=False, **kw))
+
+
+class ScriptedCaptioner:
+    """Stand-in for a captioner in ``generate(..., use_cache=False)``: no weights, the next-token logits
+    (N, V) are ``next_logits(prefixes)`` of the rows decoded so far (N, L). Decoding rules can then be
+    checked against hand-computed log-probabilities."""
+
+    def __init__(self, next_logits, context_length: int = 16):
+        self.next_logits = next_logits
+        self.decoder = self._decode                                   # generate() only needs it callable
+        self.text = type("Text", (), {"context_length": context_length,
+                                      "encode_tokens": staticmethod(lambda seqs: seqs)})()
+
+    def encode_image(self, images):
+        return {"memory": torch.zeros(images.shape[0], 1, 1)}
+
+    def _decode(self, seqs, memory):
+        logits = self.next_logits(seqs)                               # (N, V)
+        return logits[:, None].expand(-1, seqs.shape[1], -1)          # only the last position is read
+
+
+def test_top_p_temperature_scales_logits_before_sampling():
+    """top_p sampling draws from softmax(logits / temperature): with top_p=1 (no truncation) and ids
+    ordered by decreasing logit (so the nucleus sort is the identity; BOS / PAD, banned, sit last), every
+    draw equals torch.multinomial(softmax(logits / T)) under the same seed, and the draw frequencies follow
+    softmax(logits / T), not softmax(logits). On a real captioner, T -> 0 is greedy decoding."""
+    from finealign.models.generation import generate
+    eos, pad, bos = 0, 4, 5                                           # V = 6: tokens 0..3, then PAD, BOS
+    base = torch.tensor([1.0, 0.4, -0.3, -1.2])                       # decreasing: sort keeps the order
+    row = torch.cat([base, torch.tensor([0.0, 0.0])])                 # PAD / BOS get banned (-inf)
+    n = 3000
+    lm = ScriptedCaptioner(lambda seqs: row.expand(seqs.shape[0], -1).clone())
+    images = torch.zeros(n, 3, 2, 2)
+    for T in (0.5, 2.0):
+        out = generate(lm, images, bos, eos, pad, strategy="top_p", top_p=1.0, temperature=T,
+                       max_new_tokens=1, use_cache=False, generator=torch.Generator().manual_seed(7))
+        probs = torch.softmax(torch.cat([base / T, torch.full((2,), float("-inf"))]), dim=-1)
+        want = torch.multinomial(probs.expand(n, -1), 1, generator=torch.Generator().manual_seed(7))[:, 0]
+        assert torch.equal(out[:, 1], want), T
+        freq = torch.bincount(out[:, 1], minlength=6).float() / n
+        assert torch.allclose(freq, probs, atol=0.03), (T, freq, probs)
+        untempered = torch.softmax(base, dim=-1)
+        assert (freq[:4] - untempered).abs().max() > 0.08           # T visibly changes the distribution
+    # T = 1e-4 on the real model: the nucleus is the argmax token at every step, i.e. greedy; T = 1 differs
+    model = tiny_model(seed=0)
+    with torch.no_grad():
+        model.decoder.lm_head.weight.mul_(3.0)
+    imgs = make_batch(model.cfg, B=3).images
+    greedy = model.generate(imgs, BOS, EOS, PAD, max_new_tokens=8)
+    kw = dict(strategy="top_p", top_p=1.0, max_new_tokens=8)
+    cold = model.generate(imgs, BOS, EOS, PAD, temperature=1e-4, generator=torch.Generator().manual_seed(0), **kw)
+    warm = model.generate(imgs, BOS, EOS, PAD, temperature=1.0, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(cold, greedy)
+    assert not torch.equal(warm, greedy)
+
+
+def test_beam_search_ranks_candidates_by_length_normalised_log_prob():
+    """Beam search keeps the K candidates with the highest sum(log p) / #generated tokens, not the
+    highest raw sum. Hand-built LM (tokens PAD 0, BOS 1, EOS 2, A 3, B 4, C 5), K = 2:
+    step 1: A (log .6 = -0.511) and EOS (log .35 = -1.050, finished);
+    step 2: [A B] = -1.204 (norm -0.602) and [A C] = -1.310 (norm -0.655) both beat the finished [EOS]
+    (-1.050 / 1) once normalised; the raw sum would keep [EOS] and drop [A C];
+    step 3: [A C EOS] = -1.361 (norm -0.454) beats [A B EOS] = -2.120 (norm -0.707).
+    The answer is BOS A C EOS; ranking by raw sums would have given BOS A B EOS (the best of [EOS] and
+    [A B EOS] by the normalised final pick)."""
+    from finealign.models.generation import generate
+    pad, bos, eos, A, B, C = 0, 1, 2, 3, 4, 5
+    table = {(bos,): [.35, .6, .03, .02],                             # P(EOS, A, B, C | prefix)
+             (bos, A): [.04, .01, .5, .45],
+             (bos, A, B): [.4, .3, .2, .1],
+             (bos, A, C): [.95, .02, .02, .01]}
+
+    def next_logits(seqs):
+        out = torch.full((seqs.shape[0], 6), float("-inf"))
+        for r, s in enumerate(seqs.tolist()):
+            out[r, 2:] = torch.tensor(table.get(tuple(s), [.25] * 4)).log()
+        return out
+
+    lm = ScriptedCaptioner(next_logits)
+    out = generate(lm, torch.zeros(2, 3, 2, 2), bos, eos, pad, strategy="beam", beam_size=2,
+                   max_new_tokens=5, use_cache=False)
+    assert out.tolist() == [[bos, A, C, eos]] * 2
+    # the hand numbers above: the raw sum ranks [EOS] above [A C], the normalised score the other way
+    lp = {k: torch.tensor(v).log().tolist() for k, v in table.items()}
+    ac, ab = lp[bos,][1] + lp[bos, A][3], lp[bos,][1] + lp[bos, A][2]
+    assert lp[bos,][0] > ab > ac and ac / 2 > lp[bos,][0]
+    assert (ac + lp[bos, A, C][0]) / 3 > (ab + lp[bos, A, B][0]) / 3 > lp[bos,][0]
+
+
+def test_generation_never_emits_bos_or_pad_but_allows_eos():
+    """Live rows may not emit BOS or PAD, however much the LM head prefers them (output bias +100 / +90):
+    greedy, beam and top_p then emit other tokens, and PAD appears only after EOS. EOS stays allowed
+    (bias +80: every caption is BOS EOS), also when PAD doubles as EOS (then PAD ends the caption)."""
+    model = tiny_model(seed=0)
+    with torch.no_grad():
+        model.decoder.lm_head.bias[PAD] += 100.0
+        model.decoder.lm_head.bias[BOS] += 90.0
+    images = make_batch(model.cfg, B=3).images
+    kw = dict(max_new_tokens=6, beam_size=3, top_p=0.9)
+
+    def run(eos):
+        return {s: model.generate(images, BOS, eos, PAD, strategy=s, generator=torch.Generator().manual_seed(0),
+                                  **kw) for s in ("greedy", "beam", "top_p")}
+
+    for strategy, out in run(EOS).items():
+        assert (out[:, 0] == BOS).all(), strategy
+        for row in out.tolist():
+            end = row.index(EOS) if EOS in row else len(row)
+            assert end > 1 and BOS not in row[1:end] and PAD not in row[1:end], (strategy, row)
+            assert all(t == PAD for t in row[end + 1:]), (strategy, row)
+    with torch.no_grad():
+        model.decoder.lm_head.bias[EOS] += 80.0
+    for strategy, out in run(EOS).items():
+        assert (out[:, :2] == torch.tensor([BOS, EOS])).all() and (out[:, 2:] == PAD).all(), strategy
+    for strategy, out in run(PAD).items():                            # eos_id == pad_id: PAD may end
+        assert (out[:, :2] == torch.tensor([BOS, PAD])).all() and (out[:, 2:] == PAD).all(), strategy

@@ -284,3 +284,71 @@ def test_pair_metadata_from_pair_dataset():
                Sample(key="b", load_image=lambda: None, captions=["z"], category="bag")]
     groups, items = pair_metadata(PairDataset(samples, transform=None, train=False))
     assert groups == ["shoe", "shoe", "bag"] and items == [7, 7, -2]
+
+
+def test_grouped_batches_spread_over_groups_per_batch():
+    """A batch takes ceil(space / groups_left) members from each group it visits, so large groups
+    spread a batch over exactly ``groups_per_batch`` groups: B=16, gpb=2 -> 8 + 8; default gpb
+    (16 // 4 = 4) -> 4 x 4; B=12, gpb=3 -> 4 x 3; B=10, gpb=4 -> 3, 3, 2, 2 in visiting order (the
+    last batch of that epoch is topped up from the short groups left). With uneven groups (items inside
+    one group), every batch formed while >= gpb groups still have members spans >= gpb groups."""
+    groups = [g for g in range(6) for _ in range(32)]
+    items = list(range(len(groups)))
+
+    def runs(batch, groups):                                          # members per group, visiting order
+        return [len(list(r)) for _, r in itertools.groupby(groups[i] for i in batch)]
+
+    for B, gpb, want in ((16, 2, [8, 8]), (16, 0, [4, 4, 4, 4]), (12, 3, [4, 4, 4])):
+        s = GroupedBatchSampler(groups, items, B, groups_per_batch=gpb, seed=1)
+        batches = list(s)
+        assert len(batches) == len(items) // B
+        assert all(runs(b, groups) == want for b in batches), (B, gpb)
+        assert all(len({groups[i] for i in b}) == len(want) for b in batches)
+    batches = list(GroupedBatchSampler(groups, items, 10, groups_per_batch=4, seed=1))
+    assert len(batches) == 19 and all(runs(b, groups) == [3, 3, 2, 2] for b in batches[:-1])
+    g2, i2 = grouped_data(seed=5)
+    for gpb in (2, 4):
+        left = {g: g2.count(g) for g in set(g2)}
+        for b in GroupedBatchSampler(g2, i2, 16, groups_per_batch=gpb, seed=5):
+            if sum(v > 0 for v in left.values()) >= gpb:
+                assert len({g2[i] for i in b}) >= gpb, (gpb, runs(b, g2))
+            for i in b:
+                left[g2[i]] -= 1
+
+
+def test_semi_hard_prefers_nearest_eligible_candidates():
+    """The seed's neighbours in the band are tried nearest first. Hand-built embeddings: sample j has
+    similarity c_j to the seed and c_i * c_j to sample i (own orthogonal direction each). Around the seed:
+    0.97 (near-duplicate) and 0.93 (above the band) are not candidates, 0.88 shares the seed's item, so
+    the eligible in-band ones in order are 0.85, 0.75, 0.6, 0.45, 0.35 (0.2 is below the band); a batch of
+    3 is [seed, the 0.85 one, the 0.75 one] (their similarity 0.6375 is in the band)."""
+    n, seed = 10, 0
+    s = int(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[0])   # epoch 0's first seed
+    others = [j for j in range(n) if j != s]
+    c = dict(zip(others, [0.45, 0.97, 0.6, 0.85, 0.35, 0.93, 0.75, 0.88, 0.2]))   # similarity to the seed
+    at = {v: j for j, v in c.items()}
+    items = list(range(n))
+    items[at[0.88]] = items[s]
+    x = torch.zeros(n, n + 1)
+    x[s, 0] = 1.0
+    for j in others:
+        x[j, 0], x[j, j + 1] = c[j], (1 - c[j] ** 2) ** 0.5
+    sim = x @ x.T
+    assert abs(sim[s, at[0.85]].item() - 0.85) < 1e-6 and abs(sim[at[0.85], at[0.75]].item() - 0.6375) < 1e-6
+    sampler = SemiHardBatchSampler(x, items, 3, seed=seed, upper=0.95, band=(0.3, 0.9))
+    assert next(iter(sampler)) == [s, at[0.85], at[0.75]]
+
+
+def test_semi_hard_negative_mask_excludes_ties_with_the_positive():
+    """``below_positive``: a negative must lie strictly below the anchor's positive; a candidate whose
+    similarity equals ``sim[i, i]`` (in the band, another item) is excluded, one just below is kept;
+    without ``below_positive`` both are allowed."""
+    sim = torch.tensor([[0.60, 0.60, 0.59],
+                        [0.70, 0.80, 0.80],
+                        [0.50, 0.40, 0.50]])
+    ids = torch.arange(3)
+    want = torch.tensor([[False, False, True],           # 0.60 ties the positive 0.60, 0.59 below it
+                         [True, False, False],           # 0.80 ties the positive 0.80
+                         [False, True, False]])          # 0.50 ties the positive 0.50
+    assert torch.equal(semi_hard_negative_mask(sim, ids), want)
+    assert torch.equal(semi_hard_negative_mask(sim, ids, below_positive=False), ~torch.eye(3, dtype=torch.bool))
