@@ -113,3 +113,28 @@ def test_shorthands_set_one_key_and_keep_the_recipes_others(tmp_path):
     cfg = load_config(str(tmp_path / "r.yaml"))
     assert cfg.objectives["agreement"]["weight"] == 2.0 and cfg.objectives["agreement"]["teacher_temp_warmup"] == 1000
     assert cfg.mixer.type == "cutmix"
+
+
+@pytest.mark.parametrize("recipe, overrides, match", [
+    ("clip", ["masking.ic={type: attentive, mask_ratio: 0.5, mask: least}"], "masking.ic picks the patches"),
+    ("albef", ["masking.ic={type: random, mask_ratio: 0.5}"], "masking.ic picks the patches"),
+    ("sycoca", ["model.arch=fusion"], "objectives.ic trains a caption decoder"),
+    ("coca", ["model.momentum=0.995"], "model.momentum builds the fusion arch's EMA teacher"),
+    ("albef", ["model.momentum=0", "objectives.itc.distill_alpha=0.4"], "distill_alpha > 0 distils"),
+    ("coca", ["objectives.agreement.weight=1", "data.views=2"], "objectives.agreement runs on the fusion model"),
+    ("clip", ["masking.mlm.prob=0.5"], "masking.mlm masks words for objectives.mlm"),
+    ("clip", ["data.views=2"], "data.views=2 builds a second view for objectives.agreement"),
+])
+def test_settings_the_model_would_ignore_are_refused(recipe, overrides, match):
+    """Each of these was accepted and silently changed nothing (or failed at step 1 with a vague hint)."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(recipe, overrides)
+
+
+def test_missing_feature_error_names_what_produces_it():
+    from finealign.objectives.base import require
+    from finealign.types import Features
+    with pytest.raises(ValueError, match="'teacher_image_embed'.*model.momentum > 0"):
+        require(Features(), "teacher_image_embed", "itc")
+    with pytest.raises(ValueError, match="'caption_logits'.*model.decoder_layers > 0"):
+        require(Features(), "caption_logits", "ic")

@@ -107,6 +107,26 @@ def test_shared_visible_tokens_skip_the_second_pass_and_read_the_first():
         load_config("sycoca", ["model.mim_visible=twice"])
 
 
+def test_heads_no_objective_reads_are_skipped(sycoca):
+    """``needs`` from the active objectives: with tg_mim off the second ViT pass and the image decoder do not
+    run, with ic off no caption logits are computed; None computes every head."""
+    cfg, model = sycoca
+    b = _batch(cfg)
+    N = model.visual.num_patches
+    mim = MaskIndices(keep=torch.arange(N // 2).expand(3, -1), masked=torch.arange(N // 2, N).expand(3, -1))
+    calls = []
+    hook = model.visual.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        feats = model.encode(b)
+        out = model.heads(feats, b, {"mim": mim}, needs={"caption_logits"})
+        assert out.caption_logits is not None and "mim_pred" not in out.extras and len(calls) == 1
+        out = model.heads(model.encode(b), b, {"mim": mim}, needs={"mim_pred", "mim_masked"})
+        assert out.caption_logits is None and "mim_pred" in out.extras and len(calls) == 3
+        out = model.heads(model.encode(b), b, {"mim": mim})
+        assert out.caption_logits is not None and "mim_pred" in out.extras
+    hook.remove()
+
+
 def test_narrow_decoder_width_follows_the_scale_and_must_split_into_heads():
     from finealign.config import ConfigError
     cfg = load_config("sycoca", ["model.mim_decoder_scale=0.5"])      # tiny: ViT 128 wide, 4 heads

@@ -115,6 +115,38 @@ def check(cfg) -> None:
         raise ConfigError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
     _validate_streaming(cfg.data)
     _validate_mixing(cfg)
+    _validate_capabilities(cfg)
+
+
+def _validate_capabilities(cfg) -> None:
+    """Settings that only one model family reads: refused elsewhere rather than silently doing nothing."""
+    m, active = cfg.model, cfg.active_objectives()
+    if m.arch == "maccap":                      # _validate_maccap owns MacCap's rules
+        return
+    captions = m.arch == "coca" and m.decoder_layers > 0
+    if "ic" in active and not captions:
+        raise ConfigError("objectives.ic trains a caption decoder: it needs model.arch: coca with "
+                          f"model.decoder_layers > 0 (this model: arch {m.arch}, decoder_layers {m.decoder_layers}; "
+                          "the fusion arch has no caption decoder)")
+    if cfg.masking.ic and not captions:
+        raise ConfigError("masking.ic picks the patches the caption decoder reads: it needs model.arch: coca with "
+                          "model.decoder_layers > 0")
+    if m.momentum and m.arch != "fusion":
+        raise ConfigError(f"model.momentum builds the fusion arch's EMA teacher; model.arch={m.arch} has none "
+                          f"(set model.momentum=0)")
+    if float(cfg.objectives.get("itc", {}).get("distill_alpha", 0.0) or 0.0) > 0 and not m.momentum:
+        raise ConfigError("objectives.itc.distill_alpha > 0 distils from the momentum teacher: it needs "
+                          "model.arch: fusion with model.momentum > 0")
+    for name in ("agreement", "itm", "mlm"):
+        if name in active and m.arch != "fusion":
+            raise ConfigError(f"objectives.{name} runs on the fusion model: it needs model.arch: fusion "
+                              f"(this model: arch {m.arch})")
+    if cfg.masking.mlm and "mlm" not in active:
+        raise ConfigError("masking.mlm masks words for objectives.mlm, which is not active: add it or remove "
+                          "masking.mlm")
+    if cfg.data.views == 2 and "agreement" not in active:
+        raise ConfigError("data.views=2 builds a second view for objectives.agreement, which is not active: add "
+                          "it or set data.views=1")
 
 
 def _validate_streaming(d) -> None:

@@ -165,15 +165,16 @@ class ContrastiveCaptioner(nn.Module):
               ) -> Features:
         """Stage 2: caption logits (patches kept by masks["ic"], else all) and MIM predictions for the
         patches hidden by masks["mim"]. A mask has ``keep`` (B, K) and ``masked`` (B, M) indices.
-        (Every head this model has is computed; ``needs`` is accepted for the pipeline's interface.)"""
+        ``needs``: the features the active objectives read; a head none of them reads is skipped (None = all),
+        so e.g. ``objectives.tg_mim.weight=0`` also saves the second ViT pass and the image decoder."""
         masks = masks or {}
-        if self.has_decoder:
+        if self.has_decoder and (needs is None or "caption_logits" in needs):
             patches = feats.image_tokens
             if masks.get("ic") is not None:
                 keep = masks["ic"].keep
                 patches = gather_tokens(patches, keep)                                  # (B, K, Dv)
             feats.caption_logits = self.caption_logits(self.caption_memory(patches), feats.text_tokens)
-        if self.image_decoder is not None:
+        if self.image_decoder is not None and (needs is None or "mim_pred" in needs):
             mim = masks.get("mim")
             if mim is None:
                 raise ValueError("the image decoder needs masks['mim'] (configure masking.mim)")

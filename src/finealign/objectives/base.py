@@ -58,7 +58,8 @@ class Objective(nn.Module):
     #: "local" losses are averaged over micro-batches; "global" losses see the whole batch through
     #: ``ctx.gather`` and are exact under gradient accumulation (see train/loop.py).
     scope: str = "local"
-    #: Features this objective reads (checked against the model at build time).
+    #: Features this objective reads: the model computes them when an active objective asks (a model that
+    #: cannot raises a ValueError naming the objective and the feature, see ``require``).
     requires: tuple[str, ...] = ()
     #: Feature names gathered across micro-batches / ranks for "global" objectives.
     gathers: tuple[str, ...] = ()
@@ -74,9 +75,21 @@ def require(feats: Features, name: str, objective: str) -> Tensor:
     if value is None:
         value = feats.extras.get(name)
     if value is None:
-        raise ValueError(f"objective {objective!r} needs feature {name!r}, which the model did not produce "
-                         f"(e.g. captioning needs model.decoder_layers > 0)")
+        hint = next((h for prefix, h in _FEATURE_HINTS if name.startswith(prefix)), None)
+        raise ValueError(f"objective {objective!r} needs feature {name!r}, which the model did not produce"
+                         + (f" ({hint})" if hint else ""))
     return value
+
+
+#: what makes a model produce a feature, by name prefix (the first match is shown)
+_FEATURE_HINTS = (
+    ("caption_", "a caption decoder: model.arch: coca with model.decoder_layers > 0"),
+    ("teacher_", "a momentum teacher: model.arch: fusion with model.momentum > 0"),
+    ("agree_", "model.arch: fusion with model.momentum > 0, model.prototypes > 0 and data.views: 2"),
+    ("mim_", "an image decoder and a masker: model.mim_decoder_layers > 0 and masking.mim"),
+    ("pta_", "the patch-text alignment head: model.pta=true"),
+    ("mixed_", "a mixer: mixer.type (timix, cutmix or mixup)"),
+)
 
 
 def build_objectives(spec: dict[str, dict]) -> nn.ModuleDict:
