@@ -138,3 +138,9 @@ def test_missing_feature_error_names_what_produces_it():
         require(Features(), "teacher_image_embed", "itc")
     with pytest.raises(ValueError, match="'caption_logits'.*model.decoder_layers > 0"):
         require(Features(), "caption_logits", "ic")
+
+
+def test_an_empty_mapping_override_clears_the_recipes_mapping():
+    assert load_config("albef").masking.mlm == {"prob": 0.15}
+    assert load_config("albef", ["objectives.mlm.weight=0", "masking.mlm={}"]).masking.mlm == {}
+    assert load_config("albef", ["masking.mlm={prob: 0.3}"]).masking.mlm == {"prob": 0.3}

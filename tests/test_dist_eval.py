@@ -35,6 +35,7 @@ N_IMAGES = 13                  # with eval batches of 4: ranks get 8 and 5 image
 COCA = ["data.source=shapes", "data.num_samples=64", "data.eval_batch_size=4", "eval.decode=top_p",
         "eval.temperature=2", "eval.max_new_tokens=6", f"eval.max_images={N_IMAGES}"]
 ALBEF = ["data.source=shapes", "data.num_samples=64", "data.eval_batch_size=3", "model.momentum=0",
+         "objectives.itc.distill_alpha=0",
          "eval.k_test=5", f"eval.max_images={N_IMAGES}"]
 
 

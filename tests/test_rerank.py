@@ -94,7 +94,8 @@ def _full_itm_metrics(model, tok, cfg, n):
 
 def test_fusion_model_reranks_end_to_end(shapes_setup):
     tok, n = shapes_setup, 8
-    base = ["data.source=shapes", f"data.num_samples={n}", "data.eval_batch_size=3", "model.momentum=0"]
+    base = ["data.source=shapes", f"data.num_samples={n}", "data.eval_batch_size=3", "model.momentum=0",
+            "objectives.itc.distill_alpha=0"]
     cfg = load_config("albef", overrides=base + [f"eval.k_test={n}"])
     torch.manual_seed(0)
     model = build_model(cfg.model, tok.vocab_size)

@@ -76,9 +76,10 @@ def _expand(parts: list[str], value: Any) -> Any:
 
 
 def merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base``, mappings key by key; an empty mapping clears (``masking.mlm={}``)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and v and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
