@@ -1,6 +1,7 @@
 import pytest
+import yaml
 
-from finealign.config import ConfigError, find_recipe, load_config, parse_overrides
+from finealign.config import ConfigError, find_recipe, from_dict, load_config, merge, parse_overrides
 
 
 def test_recipe_and_overrides_resolve():
@@ -142,5 +143,8 @@ def test_missing_feature_error_names_what_produces_it():
 
 def test_an_empty_mapping_override_clears_the_recipes_mapping():
     assert load_config("albef").masking.mlm == {"prob": 0.15}
-    assert load_config("albef", ["objectives.mlm.weight=0", "masking.mlm={}"]).masking.mlm == {}
+    cleared = load_config("albef", ["objectives.mlm.weight=0", "masking.mlm={}"])
+    assert cleared.masking.mlm == {} and "mlm: {}" in yaml.safe_dump(cleared.to_dict())   # dumps as plain YAML
+    # an empty mapping built in code (not an override) still merges as a no-op
+    assert from_dict(merge(load_config("albef").to_dict(), {"data": {}})).data.source == "emoji"
     assert load_config("albef", ["masking.mlm={prob: 0.3}"]).masking.mlm == {"prob": 0.3}

@@ -75,15 +75,27 @@ def _expand(parts: list[str], value: Any) -> Any:
     return value
 
 
+class Cleared(dict):
+    """An override's empty mapping (``masking.mlm={}``): it replaces the recipe's mapping, where merging a
+    plain empty dict would change nothing."""
+
+
 def merge(base: dict, over: dict) -> dict:
-    """``over`` merged into ``base``, mappings key by key; an empty mapping clears (``masking.mlm={}``)."""
+    """``over`` merged into ``base``, mappings key by key (a :class:`Cleared` mapping replaces)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and v and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and not isinstance(v, Cleared) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
         else:
-            out[k] = copy.deepcopy(v)
+            out[k] = _plain(v)
     return out
+
+
+def _plain(v: Any) -> Any:
+    """A deep copy with every :class:`Cleared` turned into a plain dict (configs are dumped as YAML)."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return copy.deepcopy(v)
 
 
 def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
@@ -112,6 +124,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {item!r} conflicts with an earlier one")
         try:
             value = _expand(parts, yaml.safe_load(val) if val != "" else "")
+            value = Cleared() if value == {} else value
         except yaml.YAMLError as e:   # e.g. a !!python tag: refused, nothing constructed
             raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
         old = node.get(parts[-1])
