@@ -3,7 +3,7 @@ MIM encoder sees only visible patches, TG-MIM loss falls while training."""
 import pytest
 import torch
 
-from finealign.config import load_config
+from finealign.config import ConfigError, load_config
 from finealign.masking import MaskIndices
 from finealign.models.factory import build_model
 from finealign.pipeline import Pipeline
@@ -103,7 +103,7 @@ def test_shared_visible_tokens_skip_the_second_pass_and_read_the_first():
     hook.remove()
     assert len(calls) == 1                                              # one ViT pass for the whole step
     assert torch.equal(pred, want)                                      # the decoder reads the first pass
-    with pytest.raises(Exception, match="mim_visible must be reencode or shared"):
+    with pytest.raises(ConfigError, match="mim_visible must be reencode or shared"):
         load_config("sycoca", ["model.mim_visible=twice"])
 
 
