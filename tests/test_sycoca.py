@@ -86,15 +86,21 @@ def test_mim_encoder_never_sees_masked_pixels():
     assert torch.equal(pred, pred2)
 
 
+def _first_half_visible_and_vit_calls(model, B=3):
+    """MIM masks keeping the first half of the patches, and a hook counting ViT calls: (masks, calls, hook)."""
+    N = model.visual.num_patches
+    mim = MaskIndices(keep=torch.arange(N // 2).expand(B, -1), masked=torch.arange(N // 2, N).expand(B, -1))
+    calls = []
+    return mim, calls, model.visual.register_forward_hook(lambda *a: calls.append(1))
+
+
 def test_shared_visible_tokens_skip_the_second_pass_and_read_the_first():
     cfg = load_config("sycoca", ["model.mim_visible=shared"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 64).eval()
     b = _batch(cfg)
     N = model.visual.num_patches
-    mim = MaskIndices(keep=torch.arange(N // 2).expand(3, -1), masked=torch.arange(N // 2, N).expand(3, -1))
-    calls = []
-    hook = model.visual.register_forward_hook(lambda *a: calls.append(1))
+    mim, calls, hook = _first_half_visible_and_vit_calls(model)
     with torch.no_grad():
         feats = model.encode(b)
         pred = model.heads(feats, b, {"mim": mim}).extras["mim_pred"]
@@ -112,10 +118,7 @@ def test_heads_no_objective_reads_are_skipped(sycoca):
     run, with ic off no caption logits are computed; None computes every head."""
     cfg, model = sycoca
     b = _batch(cfg)
-    N = model.visual.num_patches
-    mim = MaskIndices(keep=torch.arange(N // 2).expand(3, -1), masked=torch.arange(N // 2, N).expand(3, -1))
-    calls = []
-    hook = model.visual.register_forward_hook(lambda *a: calls.append(1))
+    mim, calls, hook = _first_half_visible_and_vit_calls(model)
     with torch.no_grad():
         feats = model.encode(b)
         out = model.heads(feats, b, {"mim": mim}, needs={"caption_logits"})
