@@ -134,7 +134,7 @@ def _validate_capabilities(cfg) -> None:
     if m.momentum and m.arch != "fusion":
         raise ConfigError(f"model.momentum builds the fusion arch's EMA teacher; model.arch={m.arch} has none "
                           f"(set model.momentum=0)")
-    if float(cfg.objectives.get("itc", {}).get("distill_alpha", 0.0) or 0.0) > 0 and not m.momentum:
+    if "itc" in active and float(cfg.objectives["itc"].get("distill_alpha", 0.0) or 0.0) > 0 and not m.momentum:
         raise ConfigError("objectives.itc.distill_alpha > 0 distils from the momentum teacher: it needs "
                           "model.arch: fusion with model.momentum > 0")
     for name in ("agreement", "itm", "mlm"):

@@ -102,7 +102,7 @@ class DataConfig:
     views: int = 1                   # 2: a second augmented view of every training image (batch.images2)
     semi_hard_band: list[float] = field(default_factory=lambda: [0.3, 0.9])  # preferred similarity to the batch
     semi_hard_upper: float = 0.95    # above it two samples are near-duplicates: never in one batch
-    refresh_every: int = 100         # semi_hard: re-embed the training set before step 1 and every N steps (0: only before step 1)
+    refresh_every: int = 100         # semi_hard: re-embed the pairs before step 1, then every N steps (0: never again)
     refresh_embed: str = "image"     # semi_hard: which embedding defines neighbours: image | text
     batch_size: int = 64             # global training batch, all ranks together (split into micro-batches
                                      # by train.grad_accum)
