@@ -42,7 +42,7 @@ def trained_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     rc = main(["train", "coca", "data.source=shapes", "data.num_samples=128", "data.batch_size=16",
                "train.steps=4", "train.ckpt_every=2", "train.log_every=1", f"train.run_dir={run}",
-               "--no-progress"])
+               "eval.temperature=0.0001", "--no-progress"])
     assert rc == 0
     return run
 
@@ -67,6 +67,16 @@ def test_eval_prints_table_and_writes_json(trained_run, tmp_path, capsys):
     assert res["num_images"] == 32 and 0 <= res["retrieval"]["mean_recall"] <= 100
 
 
+def test_eval_refuses_overrides_a_trained_model_cannot_take(trained_run, capsys):
+    """model.*, masking.*, objectives.* and train.* other than the seed were accepted and ignored (the model
+    comes from the checkpoint's config): now exit 2 naming them."""
+    capsys.readouterr()
+    assert main(["eval", str(trained_run), "--task", "retrieval", "model.context_length=8",
+                 "train.precision=bf16", "objectives.itc.weight=2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.*, objectives.*, train.precision cannot change for a trained model" in err
+
+
 def test_caption_and_retrieve(trained_run, tmp_path, capsys):
     gallery = tmp_path / "gallery"
     gallery.mkdir()
@@ -79,6 +89,20 @@ def test_caption_and_retrieve(trained_run, tmp_path, capsys):
     assert main(["retrieve", str(trained_run), "--query", "a red circle", "--images", str(gallery), "-k", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(".png" in l for l in lines)
+
+
+def test_caption_samples_at_the_runs_eval_temperature(trained_run, tmp_path, capsys):
+    """`caption --decode top_p` samples at the run's eval.temperature (1e-4 here: the argmax token every
+    step, i.e. greedy decoding), as `eval` does."""
+    paths = []
+    for i, c in enumerate(["red", "blue", "green", "yellow"]):
+        paths.append(str(tmp_path / f"{i}_{c}.png"))
+        Image.new("RGB", (48, 48), c).save(paths[-1])
+    capsys.readouterr()
+    assert main(["caption", str(trained_run), *paths, "--decode", "greedy"]) == 0
+    greedy = capsys.readouterr().out.strip().splitlines()
+    assert main(["caption", str(trained_run), *paths, "--decode", "top_p"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == greedy
 
 
 def test_caption_rejects_unreadable_image(trained_run, tmp_path, capsys):

@@ -125,6 +125,8 @@ def test_shorthands_set_one_key_and_keep_the_recipes_others(tmp_path):
     ("coca", ["objectives.agreement.weight=1", "data.views=2"], "objectives.agreement runs on the fusion model"),
     ("clip", ["masking.mlm.prob=0.5"], "masking.mlm masks words for objectives.mlm"),
     ("clip", ["data.views=2"], "data.views=2 builds a second view for objectives.agreement"),
+    ("albef", ["objectives.itc.distill_alpha=0", "model.queue_size=16"], "queue_size \\(16\\) queues the teacher"),
+    ("sycoca", ["model.mim_inject=false"], "mim_inject=false is the fusion arch's"),
 ])
 def test_settings_the_model_would_ignore_are_refused(recipe, overrides, match):
     """Each of these was accepted and silently changed nothing (or failed at step 1 with a vague hint)."""

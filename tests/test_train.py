@@ -56,6 +56,11 @@ def test_resuming_a_finished_run_keeps_its_checkpoint_and_takes_overrides(tmp_pa
     assert main(["train", "--resume", str(run), "train.steps=3", "--no-progress"]) == 0
     assert find_checkpoint(run, "latest").name.endswith("00000003") and sorted(losses(run)) == [1, 2, 3]
     assert (last / "eval_test.json").exists()
+    # what the optimizer state restores cannot change on resume: refused before config.yaml is rewritten
+    config = (run / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run), "train.steps=4", "train.lr=0.05", "--no-progress"]) == 2
+    assert (run / "config.yaml").read_text() == config
+    assert find_checkpoint(run, "latest").name.endswith("00000003")
 
 
 def _grads_after_step(trainer, batch):

@@ -8,10 +8,15 @@ from pathlib import Path
 
 def cmd_eval(args) -> int:
     from .api import load
-    from .config import from_dict, merge, parse_overrides
+    from .config import ConfigError, from_dict, merge, parse_overrides
     from .eval.runner import evaluate, format_results
     loaded = load(args.checkpoint)
     extra = parse_overrides(args.overrides)
+    fixed = sorted({f"{k}.*" for k in extra if k not in ("data", "eval", "maccap", "train")}
+                   | {f"train.{k}" for k in extra.get("train", {}) if k != "seed"})
+    if fixed:       # the model, its tokenizer and its training were fixed when the checkpoint was written
+        raise ConfigError(f"eval: {', '.join(fixed)} cannot change for a trained model (it is built from the "
+                          f"checkpoint's config); eval takes data.*, eval.*, train.seed and MacCap's inference keys")
     data = extra.setdefault("data", {})
     if args.data:
         data["root"] = args.data
@@ -75,7 +80,7 @@ def cmd_caption(args) -> int:
     for n in range(args.num):
         ids = loaded.model.generate(images, tok.bos_id, tok.eos_id, tok.pad_id, strategy=strategy,
                                     max_new_tokens=cfg.eval.max_new_tokens, beam_size=cfg.eval.beam_size,
-                                    top_p=cfg.eval.top_p, generator=gen)
+                                    top_p=cfg.eval.top_p, temperature=cfg.eval.temperature, generator=gen)
         for path, row in zip(args.images, ids):
             print(f"{path}\t{tok.decode(row.tolist())}")
     return 0

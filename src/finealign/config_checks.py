@@ -141,6 +141,13 @@ def _validate_capabilities(cfg) -> None:
         if name in active and m.arch != "fusion":
             raise ConfigError(f"objectives.{name} runs on the fusion model: it needs model.arch: fusion "
                               f"(this model: arch {m.arch})")
+    distill = "itc" in active and float(cfg.objectives["itc"].get("distill_alpha", 0.0) or 0.0) > 0
+    if m.queue_size and not distill:
+        raise ConfigError(f"model.queue_size ({m.queue_size}) queues the teacher's embeddings as ITC distillation "
+                          f"targets: it needs objectives.itc.distill_alpha > 0 (or set model.queue_size=0)")
+    if not m.mim_inject and m.arch != "fusion":
+        raise ConfigError("model.mim_inject=false is the fusion arch's (SemMIM) switch; on model.arch=coca the "
+                          "image decoder reads the text when model.mim_text=true")
     if cfg.masking.mlm and "mlm" not in active:
         raise ConfigError("masking.mlm masks words for objectives.mlm, which is not active: add it or remove "
                           "masking.mlm")

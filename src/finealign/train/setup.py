@@ -51,10 +51,34 @@ def make_run_dir(cfg: Config, resume: str | None) -> Path:
             raise ValueError("--resume latest needs train.run_dir=DIR (the run to continue)")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{(cfg.recipe or 'run').replace('/', '-')}-{stamp}"
+    if resume:
+        check_resumable(cfg, run_dir if resume == "latest" else Path(resume))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.run_dir = str(run_dir)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return run_dir
+
+
+#: optimizer settings a resume restores from the checkpoint's optimizer / scheduler state
+RESTORED = ("lr", "weight_decay", "beta1", "beta2", "eps")
+
+
+def check_resumable(cfg: Config, where: Path) -> None:
+    """Refuse a resume whose config changes what the optimizer state restores (it would be written to
+    config.yaml and silently not apply), before anything is written; a missing checkpoint is left to the
+    loader's own error."""
+    from ..config import ConfigError
+    from . import checkpoint as ckpt
+    try:
+        saved = ckpt.load_config_from_checkpoint(ckpt.find_checkpoint(where, "latest"), verify=False)
+    except (ckpt.CheckpointError, FileNotFoundError):
+        return
+    train = saved.get("train") or {}
+    changed = [f"train.{k} ({train[k]} -> {getattr(cfg.train, k)})" for k in RESTORED
+               if k in train and float(train[k]) != float(getattr(cfg.train, k))]
+    if changed:
+        raise ConfigError(f"--resume restores the optimizer and schedule state, so {', '.join(changed)} would not "
+                          f"apply; resume with the run's values (or start a new run)")
 
 
 def build_tokenizer(cfg: Config, run_dir: Path, skips: SkipLog):
