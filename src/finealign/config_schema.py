@@ -197,7 +197,7 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     log_every: int = 10              # metrics to JSONL / TensorBoard every N steps
     ckpt_every: int = 200            # checkpoint every N steps (and at the end)
-    keep: int = 3                    # checkpoints kept (oldest deleted)
+    keep: int = 3                    # checkpoints kept (oldest deleted; 0 = keep all)
     run_dir: str = ""                # "" = runs/<recipe>-<timestamp>
     eval_every: int = 0              # retrieval on the val split every N steps (0 = off)
     deterministic: bool = False      # torch.use_deterministic_algorithms
@@ -220,7 +220,7 @@ class EvalConfig:
     top_p: float = 0.9
     temperature: float = 1.0
     max_new_tokens: int = 20
-    max_images: int = 0              # cap on evaluated images (0 = all)
+    max_images: int = 0              # cap on evaluated images (tgir: on queries; 0 = all)
     templates: list[str] = field(default_factory=lambda: ["{}", "a picture of {}", "an image of {}"])
     classify_by: str = "label"       # zero-shot classes: the samples' label, category or subcategory
     retrieval_by: str = "image"      # image: a caption matches its own image | item: any image of its item
