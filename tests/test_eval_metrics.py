@@ -111,6 +111,13 @@ def test_bleu_hand_value():
     assert s["cider"] == 0.0                                 # single image: every IDF is log(1/1) = 0
 
 
+def test_every_reference_counts():
+    """A caption equal to the second of two references is a perfect match (BLEU 100, ROUGE-L 100)."""
+    s = score_captions({0: ["a dog on the grass", "the cat sat on the mat"]}, {0: "the cat sat on the mat"},
+                       meteor=False, tokenizer="simple")
+    assert s["bleu4"] == pytest.approx(100.0, abs=1e-4) and s["rouge_l"] == pytest.approx(100.0, abs=1e-4)
+
+
 def test_rouge_l_hand_value_is_asymmetric_in_candidate_and_references():
     """ROUGE-L: LCS precision over the candidate and recall over the best reference, F with β = 1.2.
     candidate "a red heart" vs reference "a big red heart on white": LCS 3, P = 3/3, R = 3/6; swapping

@@ -367,3 +367,17 @@ def test_generation_never_emits_bos_or_pad_but_allows_eos():
         assert (out[:, :2] == torch.tensor([BOS, EOS])).all() and (out[:, 2:] == PAD).all(), strategy
     for strategy, out in run(PAD).items():                            # eos_id == pad_id: PAD may end
         assert (out[:, :2] == torch.tensor([BOS, PAD])).all() and (out[:, 2:] == PAD).all(), strategy
+
+
+def test_logit_scale_is_clamped_at_100():
+    """exp(logit_scale) is capped at 100 (CLIP's clamp), for the dual encoder and the fusion model."""
+    import math
+    from finealign.config import load_config
+    for recipe in ("coca", "albef"):
+        model = build_model(load_config(recipe, ["model.preset=tiny"]).model, 64)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1000.0))
+        assert model.get_logit_scale().item() == pytest.approx(100.0), recipe
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(20.0))
+        assert model.get_logit_scale().item() == pytest.approx(20.0), recipe

@@ -6,7 +6,7 @@ import torch
 from finealign.config import load_config
 from finealign.data.sources.shapes import make_scene
 from finealign.data.tokenizer import Tokenizer
-from finealign.eval.rerank import can_rerank, itm_rerank_metrics
+from finealign.eval.rerank import can_rerank, itm_rerank_metrics, rerank_ranks
 from finealign.eval.retrieval import retrieval_metrics
 from finealign.eval.runner import evaluate, format_results
 from finealign.models.factory import build_model
@@ -52,6 +52,45 @@ def test_rerank_fixes_wrong_itc_order_within_top_k():
     # k covering every candidate: a perfect ITM head gives perfect recall in both directions
     full = itm_rerank_metrics(IMG, TXT, T2I, k=6, score_pairs=OracleITM())
     assert full["i2t_r1"] == full["t2i_r1"] == full["mean_recall"] == 100.0
+
+
+def test_rerank_ranks_by_hand():
+    """Within the top-k, the rank is the number of wrong candidates scoring >= the best correct one; a query
+    whose top-k holds no correct candidate keeps its ITC rank (beyond k)."""
+    topk = torch.tensor([[4, 7, 2], [1, 3, 5]])
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.3, 0.2, 0.1]])
+    cand_label = torch.arange(8)
+    query_label = torch.tensor([2, 6])                     # query 0: candidate 2 (3rd by ITC); query 1: none
+    ranks = rerank_ranks(torch.tensor([2, 11]), topk, scores, query_label, cand_label)
+    assert ranks.tolist() == [1, 11]                       # only candidate 4 (0.9) outscores it
+
+
+def test_itm_scorer_scores_are_the_match_log_odds():
+    """ITMScorer's score of (image i, text t) is the ITM head's logit for "match" minus "no match" on the
+    fusion of that pair: a head that says "match" more strongly scores higher."""
+    from finealign.config import load_config
+    from finealign.eval.rerank import ITMScorer
+    from finealign.models.factory import build_model
+    cfg = load_config("albef", ["model.preset=tiny", "model.momentum=0", "objectives.itc.distill_alpha=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 64).eval()
+    S = cfg.model.image_size
+    images = torch.randn(3, 3, S, S)
+    text = torch.randint(5, 64, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    scorer = ITMScorer(model)
+    with torch.no_grad():
+        img = model.encode_image(images)
+        txt = model.encode_text(text, mask)
+        scorer.add_images(img)
+        scorer.set_texts(txt["tokens"], mask)
+        image_idx, text_idx = torch.tensor([0, 2, 1, 2]), torch.tensor([1, 0, 0, 1])
+        got = scorer(image_idx, text_idx)
+        fused = model.fuse(txt["tokens"][text_idx], mask[text_idx], img["cls"][image_idx],
+                           img["patches"][image_idx])["cls"]
+        logits = model.itm_head(fused)
+    torch.testing.assert_close(got, logits[:, 1] - logits[:, 0], rtol=1e-4, atol=1e-5)
+    assert got.std() > 0
 
 
 def test_rerank_ties_are_pessimistic_and_k0_is_exactly_itc():

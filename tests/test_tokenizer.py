@@ -56,6 +56,7 @@ def test_decode_stops_at_eos_and_skips_specials(tok):
     junk = tok.encode_batch(["yellow star"], 12)[0][0, 1:4].tolist()
     assert tok.decode(row[:n + 1] + junk) == "a blue square"        # stops at EOS
     assert tok.decode([tok.pad_id] + row[1:n]) == "a blue square"    # no BOS, pad skipped
+    assert tok.decode(row[1:n]) == "a blue square"                   # no BOS: the first word stays
     assert tok.decode([]) == ""
 
 
