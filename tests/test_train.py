@@ -89,6 +89,23 @@ def test_grad_accumulation_keeps_all_negatives(tmp_path):
         torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_grad_accumulation_averages_local_losses_over_micro_batches(tmp_path):
+    """A local objective (CoCa's captioning) is averaged over micro-batches: its loss and the gradient of the
+    caption decoder (read by no global loss) match the full batch up to the per-micro-batch token means."""
+    t1 = Trainer(shapes_cfg("coca", tmp_path / "a", "train.clip_grad=0"), progress=False)
+    t2 = Trainer(shapes_cfg("coca", tmp_path / "b", "train.clip_grad=0", "train.grad_accum=2"), progress=False)
+    t2.model.load_state_dict(t1.model.state_dict())
+    batch = next(iter(t1.loader))
+    g1, o1 = _grads_after_step(t1, batch)
+    g2, o2 = _grads_after_step(t2, batch)
+    assert o2["ic/loss"] == pytest.approx(o1["ic/loss"], rel=0.02)
+    head = [n for n in g1 if n.startswith("decoder.")]
+    assert head
+    for n in head:
+        ratio = (g2[n].norm() / g1[n].norm()).item()
+        assert 0.9 < ratio < 1.1, (n, ratio)                 # a sum over micro-batches would read ~2
+
+
 def test_checkpoint_reload_gives_identical_outputs(tmp_path):
     t = Trainer(shapes_cfg("coca", tmp_path, "train.steps=3"), progress=False)
     t.train()
