@@ -256,3 +256,44 @@ def test_webdataset_roundtrip_and_unpaired(tmp_path):
     with pytest.raises(FileNotFoundError):
         build_webdataset(DataConfig(source="webdataset", root=str(out), train="nope-{0..3}.tar"),
                          "train", SkipLog())
+
+
+def _png_bytes(color) -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_webdataset_reads_the_caption_from_data_caption_key(tmp_path):
+    with wds.TarWriter(str(tmp_path / "train-000000.tar")) as w:
+        w.write({"__key__": "000000", "png": _png_bytes((255, 0, 0)),
+                 "json": json.dumps({"text": "a red square", "item_id": 7}).encode()})
+        w.write({"__key__": "000001", "png": _png_bytes((0, 0, 255)),
+                 "json": json.dumps({"text": ["a blue square", "blue"], "caption": "a blue box"}).encode()})
+    cfg = DataConfig(source="webdataset", root=str(tmp_path), train="train-000000.tar", caption_key="text")
+    skips = SkipLog()
+    got = list(build_webdataset(cfg, "train", skips))
+    assert [s.captions for s in got] == [["a red square"], ["a blue square", "blue", "a blue box"]]
+    assert [s.item_id for s in got] == [7, 1] and [pixel(s) for s in got] == [(255, 0, 0), (0, 0, 255)]
+    assert skips.total == 0
+    # under the default key ("title") the first sample has no caption at all
+    other = SkipLog()
+    got = list(build_webdataset(DataConfig(source="webdataset", root=str(tmp_path), train="train-000000.tar"),
+                                "train", other))
+    assert [s.captions for s in got] == [["a blue box"]] and other.counts["empty caption"] == 1
+
+
+def test_webdataset_same_keys_in_different_shards_are_not_duplicates(tmp_path):
+    cols = {0: [(255, 0, 0), (0, 255, 0)], 1: [(0, 0, 255), (200, 200, 0)]}
+    for shard, colors in cols.items():
+        with wds.TarWriter(str(tmp_path / f"train-{shard:06d}.tar")) as w:
+            for j, c in enumerate(colors):           # both shards use the keys 000000, 000001
+                w.write({"__key__": f"{j:06d}", "png": _png_bytes(c), "txt": f"shard {shard} sample {j}"})
+    cfg = DataConfig(source="webdataset", root=str(tmp_path), train="train-{000000..000001}.tar")
+    skips = SkipLog()
+    got = list(build_webdataset(cfg, "train", skips))
+    assert [s.captions for s in got] == [[f"shard {i} sample {j}"] for i in range(2) for j in range(2)]
+    assert [pixel(s) for s in got] == cols[0] + cols[1]
+    assert [s.image_id for s in got] == [0, 1, 2, 3]
+    assert skips.total == 0 and skips.counts.get("duplicate key", 0) == 0

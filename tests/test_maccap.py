@@ -257,3 +257,113 @@ def test_text_only_captioner_names_the_colour_of_the_largest_object(tmp_path, sh
     hit = sum(c in cap for c, cap in zip(colour, caps)) / len(caps)
     shuffled = sum(c in cap for c, cap in zip(colour, caps[1:] + caps[:1])) / len(caps)
     assert hit > shuffled + 0.25 and hit > 0.5, (hit, shuffled, caps[:3])
+
+
+def test_aggregate_weights_the_subregions():
+    g = torch.tensor([[1.0, 0.0]])
+    sub = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    got = aggregate(g, sub, 0.5)
+    # normalise(g + 0.5 s): [1, 0.5] / sqrt(1.25) and [1.5, 0] / 1.5
+    want = torch.tensor([[[2 / 5 ** 0.5, 1 / 5 ** 0.5], [1.0, 0.0]]])
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(aggregate(g, sub, 0.0), torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]), atol=1e-6)
+
+
+def _random_maccap(**knobs):
+    """A tiny MacCap over a random (untrained) CLIP backbone, built in well under a second."""
+    from finealign.data.tokenizer import Tokenizer
+    from finealign.models.factory import build_model
+    cfg = load_config("maccap", TINY_MACCAP + ["model.image_pool=cls", "model.decoder_layers=0"])
+    tok = Tokenizer.train(["a small red circle", "a large blue square on the left", "a green triangle"] * 20,
+                          vocab_size=300)
+    torch.manual_seed(0)
+    m = build_model(cfg.model, tok.vocab_size, full=cfg, tokenizer=tok).eval()
+    m.set_inference(**knobs)
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, cfg.model.image_size, cfg.model.image_size)
+    return m, images
+
+
+def _clean_subregions(m, images):
+    """g (B, E) and the k unit subregion features (B, k, E) of the backbone (features.py's definition)."""
+    bb = m.backbone
+    with torch.no_grad():
+        cls, patches, attn = bb.visual(images, return_attn="full")
+        g = bb.global_embed(cls, patches)
+        sub, _ = subregion_features(bb.dense_image_embed(patches), attn, m.mc.subregions,
+                                    bb.global_attention(patches, attn))
+    return g, sub
+
+
+def test_image_memory_uses_the_subregion_weight_without_noise():
+    m, images = _random_maccap(subregions=3, noise_var=0.0)
+    g, sub = _clean_subregions(m, images)
+    mems = {}
+    for w in (0.0, 0.5, 2.0):
+        m.set_inference(subregion_weight=w)
+        mem, g2 = m.image_memory(images, torch.Generator().manual_seed(0))
+        assert torch.allclose(g2, g)
+        assert torch.allclose(mem, F.normalize(g[:, None] + w * sub, dim=-1), atol=1e-5)
+        mems[w] = mem
+    # w = 0: every slot is the global embedding; the weight moves the memory towards the subregions
+    assert torch.allclose(mems[0.0], F.normalize(g, dim=-1)[:, None].expand_as(mems[0.0]), atol=1e-5)
+    assert not torch.allclose(mems[0.5], mems[0.0], atol=1e-3)
+    assert not torch.allclose(mems[0.5], mems[2.0], atol=1e-3)
+
+
+def test_image_memory_noises_the_subregion_features():
+    var = 0.05
+    m, images = _random_maccap(subregions=3, subregion_weight=0.5, noise_var=0.0)
+    clean, _ = m.image_memory(images)
+    m.set_inference(noise_var=var)
+    a, _ = m.image_memory(images, torch.Generator().manual_seed(0))
+    a2, _ = m.image_memory(images, torch.Generator().manual_seed(0))
+    b, _ = m.image_memory(images, torch.Generator().manual_seed(1))
+    B, k, E = clean.shape
+    eps = torch.randn((B * k, 1, E), generator=torch.Generator().manual_seed(0)).view(B, k, E)
+    assert torch.allclose(a, F.normalize(clean + var ** 0.5 * eps, dim=-1), atol=1e-5)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(B, k), atol=1e-5)
+    assert not torch.allclose(a, clean, atol=1e-2)
+    assert torch.equal(a, a2) and not torch.allclose(a, b, atol=1e-2)
+
+
+def _recording(m):
+    """Wrap the instance's image_memory / lm.decode to record calls and decoded candidates (in order)."""
+    calls, texts = [], []
+    memory, decode = m.image_memory, m.lm.decode
+
+    def image_memory(*a, **kw):
+        calls.append(1)
+        return memory(*a, **kw)
+
+    def dec(toks):
+        texts.append(decode(toks))
+        return texts[-1]
+    m.image_memory, m.lm.decode = image_memory, dec
+    return calls, texts
+
+
+def test_caption_images_draws_one_candidate_per_sample():
+    m, images = _random_maccap(subregions=3, noise_var=0.05, samples=3, rerank=False)
+    calls, texts = _recording(m)
+    out = m.caption_images(images, strategy="greedy", max_new_tokens=3)
+    assert len(calls) == 3 and len(texts) == 3 * images.shape[0]
+    assert out == texts[:images.shape[0]]            # no re-ranking: each image's first candidate
+
+
+def test_caption_images_keeps_the_candidate_the_rerank_picks():
+    B, S = 2, 4
+    m, images = _random_maccap(subregions=3, noise_var=0.05, samples=S, rerank=True)
+    calls, texts = _recording(m)
+    out = m.caption_images(images, strategy="top_p", top_p=1.0, temperature=2.0, max_new_tokens=4,
+                           generator=torch.Generator().manual_seed(3))
+    assert len(calls) == S and len(texts) == S * B
+    cands = [[texts[s * B + i] for s in range(S)] for i in range(B)]    # decoded sample by sample
+    g = m.backbone.encode_image(images, memory=False)["embed"]
+    best = []
+    for i in range(B):
+        ids, mask = m.tokenizer.encode_batch(cands[i], m.cfg.context_length)
+        emb = m.backbone.encode_text(ids, mask)["embed"]                 # (S, E) unit-norm
+        best.append(int((emb @ g[i]).argmax()))
+    assert out == [cands[i][best[i]] for i in range(B)]
+    assert any(b != 0 and cands[i][b] != cands[i][0] for i, b in enumerate(best))   # not simply the first

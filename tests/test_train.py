@@ -76,14 +76,18 @@ def _grads_after_step(trainer, batch):
     return captured, out
 
 
+def _full_and_accumulated_step(tmp_path, recipe, accum):
+    """One step on the same batch and weights, in one pass and in ``accum`` micro-batches: (grads, outputs) each."""
+    t1 = Trainer(shapes_cfg(recipe, tmp_path / "a", "train.clip_grad=0"), progress=False)
+    tk = Trainer(shapes_cfg(recipe, tmp_path / "b", "train.clip_grad=0", f"train.grad_accum={accum}"), progress=False)
+    tk.model.load_state_dict(t1.model.state_dict())
+    batch = next(iter(t1.loader))
+    return _grads_after_step(t1, batch), _grads_after_step(tk, batch)
+
+
 def test_grad_accumulation_keeps_all_negatives(tmp_path):
     """ITC with 4 micro-batches gives the full-batch loss and gradient (negatives from every micro-batch)."""
-    t1 = Trainer(shapes_cfg("clip", tmp_path / "a", "train.clip_grad=0"), progress=False)
-    t4 = Trainer(shapes_cfg("clip", tmp_path / "b", "train.clip_grad=0", "train.grad_accum=4"), progress=False)
-    t4.model.load_state_dict(t1.model.state_dict())
-    batch = next(iter(t1.loader))
-    g1, o1 = _grads_after_step(t1, batch)
-    g4, o4 = _grads_after_step(t4, batch)
+    (g1, o1), (g4, o4) = _full_and_accumulated_step(tmp_path, "clip", 4)
     assert o1["itc/loss"] == pytest.approx(o4["itc/loss"], rel=1e-5)
     for n in g1:
         torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
@@ -92,12 +96,7 @@ def test_grad_accumulation_keeps_all_negatives(tmp_path):
 def test_grad_accumulation_averages_local_losses_over_micro_batches(tmp_path):
     """A local objective (CoCa's captioning) is averaged over micro-batches: its loss and the gradient of the
     caption decoder (read by no global loss) match the full batch up to the per-micro-batch token means."""
-    t1 = Trainer(shapes_cfg("coca", tmp_path / "a", "train.clip_grad=0"), progress=False)
-    t2 = Trainer(shapes_cfg("coca", tmp_path / "b", "train.clip_grad=0", "train.grad_accum=2"), progress=False)
-    t2.model.load_state_dict(t1.model.state_dict())
-    batch = next(iter(t1.loader))
-    g1, o1 = _grads_after_step(t1, batch)
-    g2, o2 = _grads_after_step(t2, batch)
+    (g1, o1), (g2, o2) = _full_and_accumulated_step(tmp_path, "coca", 2)
     assert o2["ic/loss"] == pytest.approx(o1["ic/loss"], rel=0.02)
     head = [n for n in g1 if n.startswith("decoder.")]
     assert head
