@@ -75,12 +75,10 @@ def cmd_caption(args) -> int:
         raise ValueError(f"{loaded.path}: this model has no caption decoder (trained with decoder_layers=0)")
     cfg, tok = loaded.config, loaded.tokenizer
     images = _load_images(args.images, cfg.model.image_size)
-    strategy = args.decode or cfg.eval.decode
+    decoding = {**cfg.eval.decoding(), "strategy": args.decode or cfg.eval.decode}
     gen = torch.Generator().manual_seed(args.seed)
     for n in range(args.num):
-        ids = loaded.model.generate(images, tok.bos_id, tok.eos_id, tok.pad_id, strategy=strategy,
-                                    max_new_tokens=cfg.eval.max_new_tokens, beam_size=cfg.eval.beam_size,
-                                    top_p=cfg.eval.top_p, temperature=cfg.eval.temperature, generator=gen)
+        ids = loaded.model.generate(images, tok.bos_id, tok.eos_id, tok.pad_id, **decoding, generator=gen)
         for path, row in zip(args.images, ids):
             print(f"{path}\t{tok.decode(row.tolist())}")
     return 0

@@ -229,6 +229,12 @@ class EvalConfig:
     vqa_template: str = "Question: {} Short answer:"   # zero-shot VQA prompt after the image prefix (MacCap)
     vqa_beam_size: int = 5           # zero-shot VQA answers by beam search with this many beams (MacCap: 5; 1 = greedy)
 
+    def decoding(self) -> dict[str, Any]:
+        """The caption decoding settings as ``generate`` / ``caption_images`` keyword arguments, so that every
+        verb that captions (eval, caption, serve, report) decodes alike."""
+        return {"strategy": self.decode, "max_new_tokens": self.max_new_tokens, "beam_size": self.beam_size,
+                "top_p": self.top_p, "temperature": self.temperature}
+
 
 @dataclass
 class Config:

@@ -140,9 +140,7 @@ def _image_tasks(model, tokenizer, cfg: Config, split, tasks, device, progress, 
             if cfg.eval.decode == "top_p" and device.type == "cpu":    # the same samples however split
                 extra["generator"] = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + batch_index)
             ids = model.generate(images, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
-                                 strategy=cfg.eval.decode, max_new_tokens=cfg.eval.max_new_tokens,
-                                 beam_size=cfg.eval.beam_size, top_p=cfg.eval.top_p,
-                                 temperature=cfg.eval.temperature, **extra)
+                                 **cfg.eval.decoding(), **extra)
             out["caption"] = [tokenizer.decode(row.tolist()) for row in ids]
         return out
 

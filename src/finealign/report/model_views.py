@@ -142,9 +142,7 @@ def caption_samples(loaded, gallery: Gallery, num: int, out_dir: Path, stem: str
     picks = pick_queries(gallery, num)
     tf = ImageTransform(cfg.model.image_size, train=False)
     x = torch.stack([tf(gallery.images[i]) for i in picks])
-    ids = model.generate(x, tok.bos_id, tok.eos_id, tok.pad_id, strategy=cfg.eval.decode,
-                         max_new_tokens=cfg.eval.max_new_tokens, beam_size=cfg.eval.beam_size,
-                         top_p=cfg.eval.top_p, temperature=cfg.eval.temperature,
+    ids = model.generate(x, tok.bos_id, tok.eos_id, tok.pad_id, **cfg.eval.decoding(),
                          generator=torch.Generator().manual_seed(0))
     out = []
     for k, (i, row) in enumerate(zip(picks, ids)):

@@ -142,14 +142,9 @@ def create_app(loaded, gallery: Gallery, max_upload_bytes: int = DEFAULT_MAX_UPL
         out: dict = {"captioner": kind, "captions": []}
         with lock, torch.no_grad():
             if kind == "maccap":
-                out["captions"] = model.caption_images(image, strategy=cfg.eval.decode,
-                                                       max_new_tokens=cfg.eval.max_new_tokens,
-                                                       beam_size=cfg.eval.beam_size, top_p=cfg.eval.top_p,
-                                                       temperature=cfg.eval.temperature)
+                out["captions"] = model.caption_images(image, **cfg.eval.decoding())
             elif kind == "decoder":
-                ids = model.generate(image, tok.bos_id, tok.eos_id, tok.pad_id, strategy=cfg.eval.decode,
-                                     max_new_tokens=cfg.eval.max_new_tokens, beam_size=cfg.eval.beam_size,
-                                     top_p=cfg.eval.top_p, temperature=cfg.eval.temperature,
+                ids = model.generate(image, tok.bos_id, tok.eos_id, tok.pad_id, **cfg.eval.decoding(),
                                      generator=torch.Generator().manual_seed(0))
                 out["captions"] = [tok.decode(row.tolist()) for row in ids]
             emb = model.encode_image(image)["embed"].float()
