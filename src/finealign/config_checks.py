@@ -134,14 +134,14 @@ def _validate_capabilities(cfg) -> None:
     if m.momentum and m.arch != "fusion":
         raise ConfigError(f"model.momentum builds the fusion arch's EMA teacher; model.arch={m.arch} has none "
                           f"(set model.momentum=0)")
-    if "itc" in active and float(cfg.objectives["itc"].get("distill_alpha", 0.0) or 0.0) > 0 and not m.momentum:
+    distill = "itc" in active and float(cfg.objectives["itc"].get("distill_alpha", 0.0) or 0.0) > 0
+    if distill and not m.momentum:
         raise ConfigError("objectives.itc.distill_alpha > 0 distils from the momentum teacher: it needs "
                           "model.arch: fusion with model.momentum > 0")
     for name in ("agreement", "itm", "mlm"):
         if name in active and m.arch != "fusion":
             raise ConfigError(f"objectives.{name} runs on the fusion model: it needs model.arch: fusion "
                               f"(this model: arch {m.arch})")
-    distill = "itc" in active and float(cfg.objectives["itc"].get("distill_alpha", 0.0) or 0.0) > 0
     if m.queue_size and not distill:
         raise ConfigError(f"model.queue_size ({m.queue_size}) queues the teacher's embeddings as ITC distillation "
                           f"targets: it needs objectives.itc.distill_alpha > 0 (or set model.queue_size=0)")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .streaming import StreamBatches
 
 log = logging.getLogger("finealign")
@@ -77,7 +77,6 @@ class GroupedBatches(RandomBatches):
         groups, items = pair_metadata(dataset, cfg.group_by)
         distinct, unset = set(groups), sum(g is None for g in groups)
         if len(distinct) < 2:
-            from ..config import ConfigError
             raise ConfigError(f"data.sampler=grouped: every training pair has the same data.group_by="
                               f"{cfg.group_by} ({next(iter(distinct), None)!r}), so the batches would be random; "
                               f"group by a field this data fills in (category, subcategory, label, item_id)")
