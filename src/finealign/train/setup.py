@@ -65,12 +65,14 @@ RESTORED = ("lr", "weight_decay", "beta1", "beta2", "eps")
 
 def check_resumable(cfg: Config, where: Path) -> None:
     """Refuse a resume whose config changes what the optimizer state restores (it would be written to
-    config.yaml and silently not apply), before anything is written; a missing checkpoint is left to the
-    loader's own error."""
+    config.yaml and silently not apply), before anything is written. Reads the newest checkpoint's config
+    without hashing its files (the trainer's load verifies them); a missing checkpoint is left to that
+    load's own error."""
     from ..config import ConfigError
     from . import checkpoint as ckpt
     try:
-        saved = ckpt.load_config_from_checkpoint(ckpt.find_checkpoint(where, "latest"), verify=False)
+        found = ckpt.list_checkpoints(where)            # a run dir; a checkpoint dir is taken as it is
+        saved = ckpt.load_config_from_checkpoint(found[-1] if found else where, verify=False)
     except (ckpt.CheckpointError, FileNotFoundError):
         return
     train = saved.get("train") or {}
