@@ -150,3 +150,4 @@ def test_an_empty_mapping_override_clears_the_recipes_mapping():
     # an empty mapping built in code (not an override) still merges as a no-op
     assert from_dict(merge(load_config("albef").to_dict(), {"data": {}})).data.source == "emoji"
     assert load_config("albef", ["masking.mlm={prob: 0.3}"]).masking.mlm == {"prob": 0.3}
+    assert load_config("albef", ["objectives.mlm.weight=0", "masking.mlm.prob=0.3", "masking.mlm={}"]).masking.mlm == {}

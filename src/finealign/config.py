@@ -129,7 +129,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
         old = node.get(parts[-1])
         # `mixer.alpha=0.2 mixer=mixup`: the shorthand adds its key to the earlier override's mapping
-        node[parts[-1]] = merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+        combine = isinstance(old, dict) and isinstance(value, dict) and not isinstance(value, Cleared)
+        node[parts[-1]] = merge(old, value) if combine else value
     return out
 
 
