@@ -154,6 +154,52 @@ def test_text_fused_targets_depend_on_the_text_unless_fusion_is_identity():
     assert torch.allclose(targets(b1), targets(b2), atol=1e-6)
 
 
+def test_masked_pass_separate_keeps_mlm_off_the_mim_mask_and_mim_off_the_mlm_draw():
+    """separate (the semmim recipe): MLM reads the whole image and the MIM decoder the clean caption; joint
+    (SyncMask's shared pass): both read the masked image and the masked text."""
+    from finealign.masking.base import MaskIndices
+    results = {}
+    for mode in ("separate", "joint"):
+        cfg = _cfg(f"model.masked_pass={mode}")
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 64).eval()
+        b = _batch(cfg)
+        N = model.visual.num_patches
+        mims = [MaskIndices(keep=torch.arange(k, N, 2)[None].expand(4, -1),
+                            masked=torch.arange(1 - k, N, 2)[None].expand(4, -1)) for k in (0, 1)]
+        positions = torch.tensor([[0, 3], [1, 3], [2, 5], [3, 5]])
+        mlms = []
+        for word in (4, 9):                                 # two corruptions of the same positions
+            text = b.text.clone()
+            text[positions[:, 0], positions[:, 1]] = word
+            mlms.append((text, positions))
+        out = {}
+        with torch.no_grad():
+            feats = model.encode(b)
+            for i, mim in enumerate(mims):
+                for j, mlm in enumerate(mlms):
+                    f = model.heads(feats, b, {"mim": mim, "mlm": mlm}, needs={"mlm_logits", "mim_pred"})
+                    out[i, j] = f.extras["mlm_logits"], f.extras["mim_pred"]
+            whole = model.mlm_head(model.fuse(model.text(mlms[0][0], b.text_mask.bool())[1], b.text_mask.bool(),
+                                              feats.extras["image_cls"], feats.image_tokens)["tokens"][
+                                                  positions[:, 0], positions[:, 1]])
+        results[mode] = out, whole
+    out, whole = results["separate"]
+    assert torch.allclose(out[0, 0][0], whole, atol=1e-5)              # MLM over the whole image
+    assert torch.allclose(out[0, 0][0], out[1, 0][0], atol=1e-6)       # ... whatever the MIM mask
+    assert torch.allclose(out[0, 0][1], out[0, 1][1], atol=1e-6)       # MIM ignores the MLM draw
+    out, whole = results["joint"]
+    assert not torch.allclose(out[0, 0][0], out[1, 0][0], atol=1e-4)   # MLM sees the masked image
+    assert not torch.allclose(out[0, 0][1], out[0, 1][1], atol=1e-4)   # MIM reads the masked text
+    assert not torch.allclose(out[0, 0][0], whole, atol=1e-4)
+    with pytest.raises(ConfigError, match="masked_pass=separate is the fusion arch"):
+        load_config("coca", ["model.masked_pass=separate"])
+    with pytest.raises(ConfigError, match="joint or separate"):
+        load_config("albef", ["model.masked_pass=both"])
+    assert load_config("semmim").model.masked_pass == "separate"
+    assert load_config("syncmask").model.masked_pass == "joint"
+
+
 def test_config_guards():
     with pytest.raises(ConfigError, match="semantic"):
         load_config("albef", ["model.mim_target=semantic", "model.mim_decoder_layers=1",

@@ -57,6 +57,11 @@ def check(cfg) -> None:
     if m.mim_decoder_width and m.mim_decoder_width % (m.mim_decoder_heads or m.vision_heads):
         raise ConfigError(f"model.mim_decoder_width={m.mim_decoder_width} must be a multiple of the image "
                           f"decoder's heads ({m.mim_decoder_heads or m.vision_heads})")
+    if m.masked_pass not in ("joint", "separate"):
+        raise ConfigError(f"model.masked_pass must be joint or separate, got {m.masked_pass!r}")
+    if m.masked_pass == "separate" and m.arch != "fusion":
+        raise ConfigError("model.masked_pass=separate is the fusion arch's choice of MLM / MIM passes; "
+                          f"model.arch={m.arch} has no fusion MLM")
     if m.mim_target not in ("pixel", "semantic"):
         raise ConfigError(f"model.mim_target must be pixel or semantic, got {m.mim_target!r}")
     if m.mim_target == "semantic" and not (m.arch == "fusion" and m.prototypes > 0 and m.momentum > 0):

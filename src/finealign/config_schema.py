@@ -55,6 +55,10 @@ class ModelConfig:
                                      # bf16 with the half-width decoder; they have attended to the masked
                                      # patches, so their content can leak into the reconstruction). The sycoca
                                      # recipe: reencode + decoder scale 0.5
+    masked_pass: str = "joint"       # fusion arch with MLM and MIM: joint: one fusion pass of the masked text over
+                                     # the masked image feeds both (SyncMask: words and patches hidden together)
+                                     # | separate: MLM reads the whole image, MIM's decoder the clean caption
+                                     # fused with the masked image (SemMIM; one more fusion pass)
     mim_target: str = "pixel"        # pixel: normalised pixels | semantic: the teacher's prototype distribution
                                      # (SemMIM; fusion arch with model.prototypes > 0 and a teacher)
     text_fused_targets: bool = False  # semantic targets from teacher patches fused with the text first

@@ -6,8 +6,10 @@
             MLM head on fused tokens of the masked words
     MIM (mim_decoder_layers > 0): ViT over the visible patches -> fusion of the (masked) text with them
             -> ImageDecoder cross-attending to the fused text tokens -> pixels of the masked patches.
-            MLM and MIM share that one fused pass: with masks["mim"] the MLM words are predicted from the
-            masked image too (SyncMask: masked words and the patches they describe are hidden together).
+            model.masked_pass=joint: MLM and MIM share that one fused pass, so with masks["mim"] the MLM
+            words are predicted from the masked image too (SyncMask: masked words and the patches they
+            describe are hidden together); separate (SemMIM): MLM reads the whole image, and the decoder
+            the clean caption fused with the masked image.
     SemMIM (prototypes > 0): a prototype head shared by global and patch tokens. mim_target=semantic:
             the decoder's outputs go through it (student logits at the masked patches) and the teacher
             gives its logits of the same patches from the whole image (text_fused_targets: after its own
@@ -239,29 +241,32 @@ class FusionModel(nn.Module):
         return t.proto_head(picked)
 
     def _masked_heads(self, feats: Features, batch: Batch, masks: dict, want_mlm: bool, want_mim: bool) -> None:
-        """One fusion pass of the (masked) text over the (masked) image feeds MLM and MIM."""
+        """MLM and MIM through the fusion encoder. ``model.masked_pass``: joint = one fusion pass of the
+        masked text over the masked image feeds both; separate = MLM fuses the masked text with the whole
+        image and MIM's decoder reads the clean caption fused with the masked image (one more pass)."""
         mask = batch.text_mask.bool()
         mim = masks.get("mim")
         if want_mim and mim is None:
             raise ValueError("MIM needs masked patches: configure masking.mim (e.g. {type: random, "
                              "mask_ratio: 0.25}) or masking.sync")
-        if mim is not None:                                 # the image with the masked patches left out
-            cls, patches = self.visual(batch.images, keep=mim.keep)                        # (B, Dv), (B, K, Dv)
-        else:
-            cls, patches = feats.extras["image_cls"], feats.image_tokens
-        text, positions = batch.text, None
+        if want_mlm and masks.get("mlm") is None:
+            raise ValueError("MLM needs masked words: configure masking.mlm (e.g. {prob: 0.15}) or masking.sync")
+        whole = feats.extras["image_cls"], feats.image_tokens
+        # the image with the masked patches left out
+        masked = self.visual(batch.images, keep=mim.keep) if mim is not None else whole    # (B, Dv), (B, K, Dv)
+        separate = self.cfg.masked_pass == "separate"
+        fused = None
         if want_mlm:
-            if masks.get("mlm") is None:
-                raise ValueError("MLM needs masked words: configure masking.mlm (e.g. {prob: 0.15}) or masking.sync")
             text, positions = masks["mlm"]
-        _, tokens = self.text(text, mask)                                                  # (B, T, Dt)
-        fused = self.fuse(tokens, mask, cls, patches)["tokens"]                            # (B, T, Dt)
-        if want_mlm:
+            _, tokens = self.text(text, mask)                                              # (B, T, Dt)
+            fused = self.fuse(tokens, mask, *(whole if separate else masked))["tokens"]    # (B, T, Dt)
             feats.extras["mlm_logits"] = self.mlm_head(fused[positions[:, 0], positions[:, 1]])  # (M, V)
             feats.extras["mlm_positions"] = positions
         if want_mim:
+            if fused is None or separate:                  # the clean caption over the masked image
+                fused = self.fuse(feats.text_tokens, mask, *masked)["tokens"]              # (B, T, Dt)
             ctx = fused if self.cfg.mim_text else None
-            pred = self.image_decoder(patches, mim.keep, mim.masked, ctx, mask if ctx is not None else None,
+            pred = self.image_decoder(masked[1], mim.keep, mim.masked, ctx, mask if ctx is not None else None,
                                       use_text=self.cfg.mim_inject)                        # (B, M, 3p² | Dv)
             if self.cfg.mim_target == "semantic":
                 pred = self.proto_head(pred)                                                # (B, M, K)
