@@ -160,6 +160,26 @@ def test_distillation_alpha_ramps_linearly():
     assert got == pytest.approx([0.0, 0.2, 0.4, 0.4])
 
 
+def test_distillation_warmup_of_one_epoch_and_its_fallback(caplog):
+    obj = ITC(distill_alpha=0.4, distill_warmup="epoch")
+    g = torch.Generator().manual_seed(0)
+    e = [F.normalize(torch.randn(3, 4, generator=g), dim=-1) for _ in range(2)]
+    feats = Features(image_embed=e[0], text_embed=e[1], logit_scale=torch.tensor(10.0),
+                     extras={"teacher_image_embed": e[0], "teacher_text_embed": e[1]})
+    got = [obj(feats, None, StepContext(step=s, steps_per_epoch=20))["alpha"].item() for s in (0, 5, 20, 50)]
+    assert got == pytest.approx([0.0, 0.1, 0.4, 0.4])
+    with caplog.at_level("WARNING"):                    # a stream of unknown length: no ramp, said once
+        got = [obj(feats, None, StepContext(step=s))["alpha"].item() for s in (0, 1)]
+    assert got == pytest.approx([0.4, 0.4])
+    assert [r.getMessage() for r in caplog.records].count(
+        "objectives.itc.distill_warmup: a ramp over one epoch, but this run's epoch length is unknown (a stream "
+        "without data.resample): no ramp; set objectives.itc.distill_warmup to a number of steps") == 1
+    for bad in (-1, "epochs", 1.5, True):
+        with pytest.raises(ValueError, match="distill_warmup must be a number of steps >= 0 or 'epoch'"):
+            ITC(distill_alpha=0.4, distill_warmup=bad)
+    assert load_config("albef").objectives["itc"]["distill_warmup"] == "epoch"
+
+
 def test_queue_fills_with_teacher_embeddings_and_survives_checkpoints(tmp_path):
     cfg = load_config("syncmask", ["model.queue_size=40", "data.source=shapes-items", "data.num_samples=192",
                                    "data.batch_size=16", "data.sampler=random", "train.steps=3", "train.ckpt_every=0",

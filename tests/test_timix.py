@@ -179,14 +179,20 @@ def test_mixed_itc_soft_labels_by_hand_in_both_directions():
     assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
 
 
-def test_mixed_itc_weight_ramps_linearly_over_its_steps():
-    """γ = step / ramp up to 1; ramp 0 takes the epoch's length; with neither known γ is 1."""
+def test_mixed_itc_weight_ramps_linearly_over_its_steps(caplog):
+    """γ = step / ramp up to 1; ramp 0 takes the epoch's length; with neither known γ is 1 (said once)."""
     from finealign.objectives.base import StepContext
     from finealign.objectives.mixed_itc import MixedITC
     obj = MixedITC(ramp=4)
     assert [obj.gamma(StepContext(step=s)) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
     assert MixedITC().gamma(StepContext(step=3, steps_per_epoch=12)) == 0.25
-    assert MixedITC().gamma(StepContext(step=0)) == 1.0
+    unknown = MixedITC()
+    with caplog.at_level("WARNING"):
+        assert [unknown.gamma(StepContext(step=s)) for s in (0, 1)] == [1.0, 1.0]
+    assert sum("objectives.mixed_itc.ramp: a ramp over one epoch, but this run's epoch length is unknown"
+               in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="ramp must be a number of steps"):
+        MixedITC(ramp=-2)
 
 
 def test_no_gradient_flows_into_the_label_distribution():

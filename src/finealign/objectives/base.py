@@ -6,12 +6,15 @@ logged as metrics. Objectives build their own targets from the batch — the mod
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import Tensor, nn
 
 from ..types import Batch, Features
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +71,27 @@ class Objective(nn.Module):
 
     def forward(self, feats: Features, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+
+class EpochRamp:
+    """A linear 0 -> 1 ramp over ``steps`` optimizer steps; ``"epoch"`` = one epoch of the run being
+    trained (``ctx.steps_per_epoch``), the unit ALBEF and TiMix ramp over. When the epoch length is
+    unknown (a stream without ``data.resample``) there is no ramp, with one warning naming ``key``."""
+
+    def __init__(self, steps: int | str, key: str):
+        if not (steps == "epoch" or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0)):
+            raise ValueError(f"{key} must be a number of steps >= 0 or 'epoch', got {steps!r}")
+        self.steps, self.key, self._warned = steps, key, False
+
+    def __call__(self, ctx: StepContext) -> float:
+        steps = self.steps
+        if steps == "epoch":
+            steps = ctx.steps_per_epoch
+            if not steps and not self._warned:
+                log.warning("%s: a ramp over one epoch, but this run's epoch length is unknown (a stream without "
+                            "data.resample): no ramp; set %s to a number of steps", self.key, self.key)
+                self._warned = True
+        return min(1.0, ctx.step / steps) if steps else 1.0
 
 
 def require(feats: Features, name: str, objective: str) -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..registry import OBJECTIVES
 from ..types import Batch, Features
-from .base import Objective, StepContext, require
+from .base import EpochRamp, Objective, StepContext, require
 
 
 def contrastive_loss(image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,21 +83,19 @@ def queued_contrastive_loss(image: Tensor, text: Tensor, scale: Tensor, t_image:
 @OBJECTIVES.register("itc")
 class ITC(Objective):
     """Options: ``distill_alpha`` > 0 mixes in the momentum teacher's soft targets (needs model.momentum > 0),
-    ramped linearly from 0 over the first ``distill_warmup`` steps (ALBEF ramps over its first epoch; 0 =
-    full alpha from step 0). When the model keeps feature queues (``model.queue_size``) and distillation
+    ramped linearly from 0 over the first ``distill_warmup`` steps (``epoch``: over the first epoch, as ALBEF
+    does; 0 = full alpha from step 0). When the model keeps feature queues (``model.queue_size``) and distillation
     is on, the queued teacher embeddings are extra keys (``queued_contrastive_loss``)."""
     scope = "global"
     requires = ("image_embed", "text_embed", "logit_scale")
     local_loss = True           # plain ITC (no distillation) scores only ctx.local_rows when given
 
-    def __init__(self, distill_alpha: float = 0.0, distill_warmup: int = 0):
+    def __init__(self, distill_alpha: float = 0.0, distill_warmup: int | str = 0):
         super().__init__()
         if not 0.0 <= distill_alpha <= 1.0:
             raise ValueError(f"distill_alpha must be in [0, 1], got {distill_alpha}")
-        if distill_warmup < 0:
-            raise ValueError(f"distill_warmup must be >= 0, got {distill_warmup}")
         self.alpha = float(distill_alpha)
-        self.warmup = int(distill_warmup)
+        self.warmup = EpochRamp(distill_warmup, "objectives.itc.distill_warmup")
         self.gathers = ("image_embed", "text_embed") + (
             ("teacher_image_embed", "teacher_text_embed") if self.alpha > 0 else ())
 
@@ -107,7 +105,7 @@ class ITC(Objective):
         scale = ctx.shared(require(feats, "logit_scale", "itc"))
         out = {}
         if self.alpha > 0:
-            alpha = self.alpha * min(1.0, ctx.step / self.warmup) if self.warmup else self.alpha
+            alpha = self.alpha * self.warmup(ctx)
             t_img, _ = ctx.gather("teacher_image_embed", require(feats, "teacher_image_embed", "itc"))
             t_txt, _ = ctx.gather("teacher_text_embed", require(feats, "teacher_text_embed", "itc"))
             q_img, q_txt = feats.extras.get("queue_image_embed"), feats.extras.get("queue_text_embed")

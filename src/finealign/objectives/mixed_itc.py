@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..registry import OBJECTIVES
 from ..types import Batch, Features
-from .base import Objective, StepContext, require
+from .base import EpochRamp, Objective, StepContext, require
 
 
 def soft_targets(P: Tensor, lam: Tensor, src: Tensor) -> Tensor:
@@ -62,13 +62,13 @@ class MixedITC(Objective):
         super().__init__()
         if not 0.0 <= label_alpha <= 1.0:
             raise ValueError(f"label_alpha must be in [0, 1], got {label_alpha}")
-        if ramp < 0:
-            raise ValueError(f"ramp must be >= 0 steps (0 = the first epoch), got {ramp}")
-        self.label_alpha, self.ramp = float(label_alpha), int(ramp)
+        if isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 0:
+            raise ValueError(f"ramp must be a number of steps >= 0 (0 = the first epoch), got {ramp!r}")
+        self.label_alpha = float(label_alpha)
+        self.ramp = EpochRamp(ramp or "epoch", "objectives.mixed_itc.ramp")
 
     def gamma(self, ctx: StepContext) -> float:
-        ramp = self.ramp or ctx.steps_per_epoch
-        return min(1.0, ctx.step / ramp) if ramp else 1.0
+        return self.ramp(ctx)
 
     def forward(self, feats: Features, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         mixed = feats.extras.get("mixed_image_embed")
