@@ -103,11 +103,12 @@ class _Answerer(torch.nn.Module):
 
     def __init__(self, truth: dict):
         super().__init__()
-        self.truth, self.calls, self.beams = truth, [], []
+        self.truth, self.calls, self.beams, self.lengths = truth, [], [], []
 
     def answer(self, images, questions, template="Question: {} Short answer:", max_new_tokens=5, beam_size=1):
-        assert images.ndim == 4 and len(images) == len(questions) and max_new_tokens == 5
+        assert images.ndim == 4 and len(images) == len(questions)
         self.calls.append((len(questions), template))
+        self.lengths.append(max_new_tokens)
         self.beams.append(beam_size)
         out = []
         for img, q in zip(images, questions):
@@ -148,13 +149,19 @@ def test_evaluate_vqa_scores_exact_match_by_kind():
     assert all(t == "Question: {} Short answer:" for _, t in model.calls)
     assert [c for c, _ in model.calls] == [5] * (len(items) // 5) + ([len(items) % 5] if len(items) % 5 else [])
     assert set(model.beams) == {5} and res["beam_size"] == 5         # MacCap's beam 5 unless configured
+    assert set(model.lengths) == {5}                                  # answers of up to 5 tokens unless configured
     small = evaluate_vqa(model, cfg, "test", max_images=3, progress=False)
     assert small["num_images"] == 3
     model.beams.clear()
-    greedy = load_config("clip", overrides=["data.source=shapes", "data.num_samples=3", "eval.vqa_beam_size=1"])
+    model.lengths.clear()
+    greedy = load_config("clip", overrides=["data.source=shapes", "data.num_samples=3", "eval.vqa_beam_size=1",
+                                            "eval.vqa_max_new_tokens=3"])
     assert evaluate_vqa(model, greedy, "test", progress=False)["beam_size"] == 1 and set(model.beams) == {1}
+    assert set(model.lengths) == {3}
     with pytest.raises(ConfigError, match="eval.vqa_beam_size"):
         load_config("clip", overrides=["eval.vqa_beam_size=0"])
+    with pytest.raises(ConfigError, match="eval.vqa_max_new_tokens must be >= 1"):
+        load_config("clip", overrides=["eval.vqa_max_new_tokens=0"])
 
 
 def test_evaluate_runs_vqa_and_skips_models_without_answer(caplog):

@@ -114,6 +114,8 @@ def check(cfg) -> None:
         raise ConfigError(f"eval.retrieval_by must be image or item, got {cfg.eval.retrieval_by!r}")
     if cfg.eval.vqa_beam_size < 1:
         raise ConfigError(f"eval.vqa_beam_size must be >= 1 (1 = greedy), got {cfg.eval.vqa_beam_size}")
+    if cfg.eval.vqa_max_new_tokens < 1:
+        raise ConfigError(f"eval.vqa_max_new_tokens must be >= 1, got {cfg.eval.vqa_max_new_tokens}")
     if cfg.eval.k_test < 0:
         raise ConfigError(f"eval.k_test must be >= 0 (0 = no ITM re-ranking), got {cfg.eval.k_test}")
     if not 0.0 < cfg.data.fraction <= 1.0:

@@ -232,6 +232,7 @@ class EvalConfig:
     k_test: int = 16                 # fusion models: re-rank each query's ITC top-k with the ITM head (0 = off)
     vqa_template: str = "Question: {} Short answer:"   # zero-shot VQA prompt after the image prefix (MacCap)
     vqa_beam_size: int = 5           # zero-shot VQA answers by beam search with this many beams (MacCap: 5; 1 = greedy)
+    vqa_max_new_tokens: int = 5      # longest zero-shot VQA answer, in tokens
 
     def decoding(self) -> dict[str, Any]:
         """The caption decoding settings as ``generate`` / ``caption_images`` keyword arguments, so that every

@@ -1,7 +1,7 @@
 """Zero-shot VQA on the ``shapes`` scenes (see :mod:`finealign.data.sources.shapes_vqa`), exact match.
 
-The model answers with ``model.answer(images, questions, template=..., max_new_tokens=5, beam_size=...)``
-(MacCap models; ``eval.vqa_beam_size``, 5 as in MacCap). Predictions and references go through
+The model answers with ``model.answer(images, questions, template=..., max_new_tokens=..., beam_size=...)``
+(MacCap models; ``eval.vqa_beam_size``, 5 as in MacCap; ``eval.vqa_max_new_tokens``, 5). Predictions and references go through
 :func:`normalize_answer` and are compared exactly.
 Reported: accuracy (%), per question kind, and a chance baseline ``answer_prior``: the accuracy of
 always answering each kind's most frequent reference answer.
@@ -19,7 +19,6 @@ __all__ = ["DEFAULT_TEMPLATE", "can_answer", "normalize_answer", "evaluate_vqa"]
 
 log = logging.getLogger("finealign")
 DEFAULT_TEMPLATE = "Question: {} Short answer:"
-MAX_NEW_TOKENS = 5
 
 _NUMBERS = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five", "6": "six",
             "7": "seven", "8": "eight", "9": "nine", "10": "ten"}
@@ -72,7 +71,7 @@ def evaluate_vqa(model, cfg, split: str, device: torch.device | str = "cpu", max
     if not items:
         raise ValueError(f"vqa: split {split!r} has no questions")
     template = getattr(cfg.eval, "vqa_template", None) or DEFAULT_TEMPLATE
-    beam_size = int(cfg.eval.vqa_beam_size)
+    beam_size, max_new = int(cfg.eval.vqa_beam_size), int(cfg.eval.vqa_max_new_tokens)
     transform = ImageTransform(cfg.model.image_size, train=False)
     device = torch.device(device)
     batch_size = max(1, int(cfg.data.eval_batch_size))
@@ -92,7 +91,7 @@ def evaluate_vqa(model, cfg, split: str, device: torch.device | str = "cpu", max
                     cache_key, cache_img = it.key, transform(it.load_image())
                 images.append(cache_img)
             out = model.answer(torch.stack(images).to(device), [it.question for it in batch],
-                               template=template, max_new_tokens=MAX_NEW_TOKENS, beam_size=beam_size)
+                               template=template, max_new_tokens=max_new, beam_size=beam_size)
             if len(out) != len(batch):
                 raise ValueError(f"model.answer returned {len(out)} answers for {len(batch)} questions")
             preds.extend(str(p) for p in out)

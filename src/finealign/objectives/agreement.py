@@ -13,8 +13,9 @@ their batch mean, buffer of this objective) and sharpened with a low temperature
     loss = 1/2 [ CE(p_t(view 1), p_s(view 2)) + CE(p_t(view 2), p_s(view 1)) ],  CE = -sum p_t log p_s
 
 with ``tau_t`` warmed up linearly from ``teacher_temp`` to ``teacher_temp_final`` over
-``teacher_temp_warmup`` steps (DINO: 0.04 -> 0.07 over 30 epochs), ``tau_s`` = 0.1. After the loss
-the centre moves toward the batch mean: ``center = m * center + (1 - m) * mean(t)`` (m = 0.9).
+``teacher_temp_warmup`` steps (DINO: 0.04 -> 0.07 over 30 epochs; 0 = ``teacher_temp_final`` from step 0),
+``tau_s`` = 0.1. After the loss the centre moves toward the batch mean:
+``center = m * center + (1 - m) * mean(t)`` (m = 0.9).
 Centring keeps one prototype from winning every sample, sharpening keeps the targets from going
 uniform: together they prevent collapse. ``usage_entropy`` (entropy, in nats, of the mean teacher
 distribution over the batch) is logged as the collapse monitor: log K when prototypes are used evenly,
