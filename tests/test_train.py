@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import yaml
 
 import finealign
 from finealign.api import load
@@ -61,6 +62,30 @@ def test_resuming_a_finished_run_keeps_its_checkpoint_and_takes_overrides(tmp_pa
     assert main(["train", "--resume", str(run), "train.steps=4", "train.lr=0.05", "--no-progress"]) == 2
     assert (run / "config.yaml").read_text() == config
     assert find_checkpoint(run, "latest").name.endswith("00000003")
+
+
+def test_resume_continues_a_moved_or_copied_run_where_it_now_is(tmp_path):
+    """config.yaml records where the run was trained; `--resume RUN` (or one of its checkpoints) writes to
+    RUN, never back to the recorded place (which a copy would otherwise modify and prune)."""
+    import shutil
+
+    from finealign.cli import main
+    from finealign.train.checkpoint import find_checkpoint
+    orig = tmp_path / "orig"
+    Trainer(shapes_cfg("clip", orig, "train.steps=2", "train.ckpt_every=1", "train.keep=1"), progress=False).train()
+    copy = tmp_path / "copy"
+    shutil.copytree(orig, copy)
+    snapshot = {p.relative_to(orig): p.read_bytes() for p in orig.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(copy / "checkpoints" / "step_00000002"), "train.steps=3",
+                 "--no-progress"]) == 0
+    assert {p.relative_to(orig): p.read_bytes() for p in orig.rglob("*") if p.is_file()} == snapshot
+    assert find_checkpoint(copy, "latest").name == "step_00000003" and sorted(losses(copy)) == [1, 2, 3]
+    assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["run_dir"] == str(copy)
+    moved = tmp_path / "moved"
+    orig.rename(moved)
+    assert main(["train", "--resume", str(moved), "train.steps=3", "--no-progress"]) == 0
+    assert not orig.exists() and find_checkpoint(moved, "latest").name == "step_00000003"
+    assert sorted(losses(moved)) == [1, 2, 3]
 
 
 def _grads_after_step(trainer, batch):

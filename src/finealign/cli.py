@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a recipe", description="Train RECIPE (a name in configs/ or a YAML path).")
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path (omit with --resume RUN_DIR)")
-    p.add_argument("--resume", default=None, help="'latest' (with train.run_dir=DIR), a run dir, or a checkpoint dir")
+    p.add_argument("--resume", default=None, help="a run dir or one of its checkpoint dirs (the run continues in that run dir), "
+                        "or 'latest' with RECIPE train.run_dir=DIR")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _overrides(p)
@@ -209,15 +210,21 @@ def cmd_train(args) -> int:
     if args.recipe and "=" in args.recipe and args.resume and args.resume != "latest":
         # `train --resume RUN key=value`: argparse hands the first override to the optional recipe slot
         overrides, args.recipe = [args.recipe] + overrides, None
-    if args.recipe:
-        cfg = load_config(args.recipe, overrides)
-    elif args.resume and args.resume != "latest":
+    run = None
+    if args.resume and args.resume != "latest":
         run = Path(args.resume)
         run = run.parent.parent if run.parent.name == "checkpoints" else run
+    if args.recipe:
+        cfg = load_config(args.recipe, overrides)
+    elif run is not None:
         raw = yaml.safe_load((run / "config.yaml").read_text())
         cfg = from_dict(merge(raw, parse_overrides(overrides)))
     else:
         raise ConfigError("name a recipe (finealign recipes lists them) or --resume RUN_DIR")
+    if run is not None and not any(o.startswith("train.run_dir=") for o in overrides):
+        # the run continues where it now is: config.yaml's run_dir is where it was trained, and a moved or
+        # copied run would otherwise write (and prune checkpoints) there
+        cfg.train.run_dir = str(run)
     from . import distributed as D
     run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)   # torchrun: every rank trains
     if D.is_main():
