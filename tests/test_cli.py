@@ -89,6 +89,11 @@ def test_caption_and_retrieve(trained_run, tmp_path, capsys):
     assert main(["retrieve", str(trained_run), "--query", "a red circle", "--images", str(gallery), "-k", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(".png" in l for l in lines)
+    # a glob, absolute (pathlib's Path().glob refuses those) or relative to the working directory
+    assert main(["retrieve", str(trained_run), "--query", "a red circle", "--images", str(gallery / "*_[rg]*.png"),
+                 "-k", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sorted(l.split("\t")[1] for l in lines) == [str(gallery / "0_red.png"), str(gallery / "2_green.png")]
 
 
 def test_caption_samples_at_the_runs_eval_temperature(trained_run, tmp_path, capsys):

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retrieve", help="search images by text, or captions by image")
     p.add_argument("checkpoint")
     p.add_argument("--query", help="text query: rank the images of --images")
-    p.add_argument("--images", help="directory (or glob) of gallery images")
+    p.add_argument("--images", help="directory or glob (quote it) of gallery images")
     p.add_argument("--image", help="image query: rank the captions of --captions-from's split")
     p.add_argument("--captions-from", default=None, help="dataset root whose test captions are ranked")
     p.add_argument("-k", type=int, default=5)

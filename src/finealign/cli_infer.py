@@ -2,6 +2,7 @@
 (their arguments are declared in ``cli.build_parser``)."""
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 
@@ -94,8 +95,8 @@ def cmd_retrieve(args) -> int:
         if not args.images:
             raise ValueError("--query needs --images DIR (the gallery to search)")
         root = Path(args.images)
-        paths = sorted(p for p in (root.iterdir() if root.is_dir() else Path().glob(args.images))
-                       if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        found = root.iterdir() if root.is_dir() else map(Path, glob.glob(args.images))   # absolute globs too
+        paths = sorted(p for p in found if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
         if not paths:
             raise FileNotFoundError(f"no images found in {args.images}")
         with torch.no_grad():
