@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import finealign.train.loop as loop
-from finealign.ablate import (AblationInterrupted, add_ablate_parser, cmd_ablate, discover_recipes,
+from finealign.ablate import (AblationInterrupted, add_ablate_parser, cmd_ablate, discover_recipes, study_vary,
                               format_table, recipe_description, run_ablation)
 
 # shrunken model + tiny shapes data: each run trains 2 steps and evaluates 16 images in a few seconds
@@ -150,6 +150,14 @@ def test_recipes_with_different_steps_are_refused(tmp_path, monkeypatch):
                                                                                "batch_size: 32"))
     with pytest.raises(ValueError, match=r"recipe 'c' has data\.batch_size=32 but 'a' has data\.batch_size=16"):
         run_ablation(tmp_path, seeds=1, out_dir=tmp_path / "out", progress=False, overrides=["train.steps=2"])
+
+
+def test_a_bundled_study_is_found_by_name_with_its_study_options(tmp_path, monkeypatch):
+    """`finealign ablate ablations/timix` outside a checkout (no ./configs): the recipes and the study's
+    _study.yaml (which lets data.fraction vary) both come from the bundled configs."""
+    monkeypatch.chdir(tmp_path)
+    assert len(discover_recipes("ablations/timix")) == 12
+    assert study_vary("ablations/timix") == ["data.fraction"]
 
 
 def test_discover_recipes_from_a_directory_or_a_list(tmp_path):

@@ -65,10 +65,8 @@ class AblationInterrupted(RuntimeError):
 def discover_recipes(path: str | os.PathLike) -> list[Path]:
     """The recipe files of a study: a directory's ``*.yaml``/``*.yml`` sorted by name, or a list file's.
     A path that does not exist is looked up among the bundled recipes too (``ablations/sycoca``)."""
-    from .config import CONFIG_DIR, find_recipe
-    p = Path(path)
-    if not p.exists() and not p.is_absolute() and (CONFIG_DIR / p).exists():
-        p = CONFIG_DIR / p
+    from .config import find_recipe
+    p = _study_path(path)
     if p.is_dir():
         found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml")
                        and not f.name.startswith(("_", ".")))
@@ -89,6 +87,15 @@ def discover_recipes(path: str | os.PathLike) -> list[Path]:
     return found
 
 
+def _study_path(path: str | os.PathLike) -> Path:
+    """``path``, or the bundled study of that name (``ablations/timix``) when no such path exists here."""
+    from .config import CONFIG_DIR
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (CONFIG_DIR / p).exists():
+        return CONFIG_DIR / p
+    return p
+
+
 def recipe_description(path: str | os.PathLike) -> str:
     """The recipe file's first line when it is a comment (``# SyCoCa without ...``), else ""."""
     lines = Path(path).read_text().splitlines()
@@ -106,7 +113,7 @@ def study_vary(path: str | os.PathLike) -> list[str]:
     """Keys a study lets differ between its recipes: ``vary: [data.fraction]`` in the directory's
     ``_study.yaml`` or beside ``recipes:`` in a list file (e.g. a data-efficiency study); they become
     table columns. Only ``SAME_KEYS`` may be listed (anything else may differ anyway)."""
-    p = Path(path)
+    p = _study_path(path)
     f = p / "_study.yaml" if p.is_dir() else p
     if not f.is_file():
         return []
