@@ -105,14 +105,14 @@ def test_shorthands_set_one_key_and_keep_the_recipes_others(tmp_path):
     cfg = load_config("semmim", ["objectives.agreement=0.5"])
     assert cfg.objectives["agreement"]["weight"] == 0.5
     assert cfg.objectives["agreement"]["teacher_temp_warmup"] == load_config("semmim").objectives["agreement"][
-        "teacher_temp_warmup"] == 1000
+        "teacher_temp_warmup"] == 300
     for order in (["mixer.stop=0.3", "mixer=cutmix"], ["mixer=cutmix", "mixer.stop=0.3"]):
         mixer = load_config("timix", [*order, "mixer.side=[0.25, 0.5]"]).mixer
         assert (mixer.type, mixer.stop, mixer.side) == ("cutmix", 0.3, [0.25, 0.5])
     assert load_config("timix", ["mixer.alpha=0.2", "mixer=mixup"]).mixer.alpha == 0.2
     (tmp_path / "r.yaml").write_text("base: semmim\nobjectives: {agreement: 2, mixed_itc: 1}\nmixer: cutmix\n")
     cfg = load_config(str(tmp_path / "r.yaml"))
-    assert cfg.objectives["agreement"]["weight"] == 2.0 and cfg.objectives["agreement"]["teacher_temp_warmup"] == 1000
+    assert cfg.objectives["agreement"]["weight"] == 2.0 and cfg.objectives["agreement"]["teacher_temp_warmup"] == 300
     assert cfg.mixer.type == "cutmix"
 
 

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    p = sub.add_parser("data", help="build datasets")
+    p = sub.add_parser("data", help="build datasets, or write any source as webdataset shards")
     dsub = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
     b = dsub.add_parser("build", help="build a dataset on disk (emoji)")
     b.add_argument("name", choices=["emoji"], help="dataset to build")
@@ -57,17 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="dataset root (default: the training config's data.root)")
     p.add_argument("--source", default=None, help="data source (default: the training config's)")
     p.add_argument("--split", default=None, help="split to evaluate (default: data.test)")
-    p.add_argument("--out", default=None, help="write results JSON here (default: <ckpt>/eval_<split>.json)")
-    p.add_argument("--strict", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=None, help="write results JSON here (default: eval_<split>.json in the checkpoint evaluated: a run dir's latest checkpoint, or the export / model dir itself)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _overrides(p)
 
     p = sub.add_parser("caption", help="caption images with a trained captioner")
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--decode", choices=["greedy", "beam", "top_p"], default=None)
+    p.add_argument("--decode", choices=["greedy", "beam", "top_p"], default=None,
+                   help="decoding strategy (default: the run's eval.decode)")
     p.add_argument("--num", type=int, default=1, help="captions per image (top_p sampling)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (top_p, MacCap noise) (default: 0)")
     p.add_argument("--zero-shot", action="store_true",
                    help="require a MacCap run (text-only training): subregions, N noisy samples, re-ranking")
 
@@ -76,17 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", help="text query: rank the images of --images")
     p.add_argument("--images", help="directory or glob (quote it) of gallery images")
     p.add_argument("--image", help="image query: rank the captions of --captions-from's split")
-    p.add_argument("--captions-from", default=None, help="dataset root whose test captions are ranked")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--captions-from", default=None, help="dataset root whose test captions are ranked "
+                   "(default: the checkpoint's data.root)")
+    p.add_argument("-k", type=int, default=5, help="results shown (default: 5)")
 
     p = sub.add_parser("quickstart", help="build emoji data, train CoCa (tiny) ~5 min on CPU, evaluate")
     p.add_argument("--out", default=None, help="run directory (default: runs/quickstart-<time>)")
     p.add_argument("--data", default="data/emoji", help="where the emoji dataset is (built if missing)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart recipe's)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _overrides(p)
 
-    p = sub.add_parser("viz", help="visualise masks, prototypes or image mixing")
+    p = sub.add_parser("viz", help="visualise masks, prototypes, image mixing or an ablation study")
     vsub = p.add_subparsers(dest="viz_verb", metavar="WHAT", required=True)
     v = vsub.add_parser("masks", help="relevance map, masked patches (IC / TG-MIM / synchronized / SemMIM), "
                                       "reconstruction or prototypes")
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = vsub.add_parser("study", help="an ablation study's metric against its varied key, one line per series")
     v.add_argument("results", help="results.json written by finealign ablate")
     v.add_argument("--x", default="data.fraction", help="varied key on the x axis (default: data.fraction)")
-    v.add_argument("--metric", default="t2i_r1", help="metric key, e.g. t2i_r1, i2t_r1, mean_recall")
+    v.add_argument("--metric", default="t2i_r1", help="metric key, e.g. t2i_r1, i2t_r1, mean_recall (default: t2i_r1)")
     v.add_argument("--out", default="study.png", help="PNG to write (default: study.png)")
 
     p = sub.add_parser("analyze", help="analyses of a trained checkpoint (modality gap)")
@@ -133,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .report import add_report_parser
     add_report_parser(sub)
 
-    p = sub.add_parser("export", help="write a model as model.safetensors + config.yaml + tokenizer.json",
+    p = sub.add_parser("export", help="write a model as model.safetensors + config.yaml + tokenizer.json "
+                                       "(+ export.json)",
                        description="Export SRC (run or checkpoint dir, export, or Hugging Face CLIPModel dir) to "
                                    "OUT_DIR; finealign.load(OUT_DIR) reads it back.")
     p.add_argument("checkpoint", metavar="SRC")
@@ -141,12 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing export in OUT_DIR")
 
     p = sub.add_parser("serve", help="local demo web app: text search, captions, relevance maps",
-                       description="Serve CKPT with a page and a JSON API (/api/, schema at /docs) over the "
+                       description="Serve CKPT with a page and a JSON API (/api/; interactive docs at /docs, schema at /openapi.json) over the "
                                    "images of --gallery (embedded once, cached).")
     p.add_argument("checkpoint")
     p.add_argument("--gallery", required=True, help="directory of images to search")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--cache", default=None, help="embedding cache dir (default: ~/.cache/finealign/serve)")
     p.add_argument("--max-upload-mb", type=float, default=8.0, help="upload size limit in MiB (default: 8)")
 

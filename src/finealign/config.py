@@ -46,7 +46,7 @@ def bundled_recipes() -> list[Path]:
 
 
 def find_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
-    """A recipe is a YAML path, or a name in the bundled configs/ (``coca``, ``ablations/sycoca/coca``)."""
+    """A recipe is a YAML path, or a name in the bundled configs/ (``coca``, ``ablations/sycoca/1-coca``)."""
     cands = [Path(name_or_path)]
     if relative_to is not None:
         cands.insert(0, relative_to / name_or_path)

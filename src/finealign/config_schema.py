@@ -30,14 +30,14 @@ class ModelConfig:
     vision_layers: int = 3           # ViT blocks
     vision_heads: int = 4            # ViT attention heads
     text_width: int = 128            # text encoder / decoder width
-    text_layers: int = 3             # unimodal (causal) text encoder blocks
+    text_layers: int = 2             # unimodal (causal) text encoder blocks
     text_heads: int = 4              # text attention heads
     decoder_layers: int = 2          # multimodal caption decoder blocks; 0 = no decoder (CLIP)
     decoder_block: str = "fused"     # fused: self-attn, cross-attn, MLP | open_clip: + an MLP after self-attn
     context_length: int = 32         # max tokens per caption incl. BOS/EOS
     vocab_size: int = 0              # 0 = taken from the tokenizer
     embed_dim: int = 128             # contrastive embedding size
-    caption_queries: int = 32        # attentional-pooler queries the decoder attends to
+    caption_queries: int = 16        # attentional-pooler queries the decoder attends to
     image_pool: str = "attn"         # attn: CoCa attentional pooler (1 contrastive query) | cls: CLIP cls token
     mim_decoder_layers: int = 0      # image decoder blocks for masked image modeling; 0 = no image decoder
     mim_decoder_width: int = 0       # image decoder width (0 = vision_width * mim_decoder_scale)
