@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a recipe", description="Train RECIPE (a name in configs/ or a YAML path).")
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path (omit with --resume RUN_DIR)")
-    p.add_argument("--resume", default=None, help="a run dir or one of its checkpoint dirs (the run continues in that run dir), "
-                        "or 'latest' with RECIPE train.run_dir=DIR")
+    p.add_argument("--resume", default=None, help="a run dir or one of its checkpoint dirs (the run continues in "
+                   "that run dir), or 'latest' with RECIPE train.run_dir=DIR")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _overrides(p)
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="dataset root (default: the training config's data.root)")
     p.add_argument("--source", default=None, help="data source (default: the training config's)")
     p.add_argument("--split", default=None, help="split to evaluate (default: data.test)")
-    p.add_argument("--out", default=None, help="write results JSON here (default: eval_<split>.json in the checkpoint evaluated: a run dir's latest checkpoint, or the export / model dir itself)")
+    p.add_argument("--out", default=None, help="write results JSON here (default: eval_<split>.json in the checkpoint "
+                   "evaluated: a run dir's latest checkpoint, or the export / model dir itself)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _overrides(p)
@@ -144,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing export in OUT_DIR")
 
     p = sub.add_parser("serve", help="local demo web app: text search, captions, relevance maps",
-                       description="Serve CKPT with a page and a JSON API (/api/; interactive docs at /docs, schema at /openapi.json) over the "
-                                   "images of --gallery (embedded once, cached).")
+                       description="Serve CKPT with a page and a JSON API (/api/; interactive docs at /docs, schema "
+                                   "at /openapi.json) over the images of --gallery (embedded once, cached).")
     p.add_argument("checkpoint")
     p.add_argument("--gallery", required=True, help="directory of images to search")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")

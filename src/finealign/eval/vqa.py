@@ -1,8 +1,8 @@
 """Zero-shot VQA on the ``shapes`` scenes (see :mod:`finealign.data.sources.shapes_vqa`), exact match.
 
 The model answers with ``model.answer(images, questions, template=..., max_new_tokens=..., beam_size=...)``
-(MacCap models; ``eval.vqa_beam_size``, 5 as in MacCap; ``eval.vqa_max_new_tokens``, 5). Predictions and references go through
-:func:`normalize_answer` and are compared exactly.
+(MacCap models; ``eval.vqa_beam_size``, 5 as in MacCap; ``eval.vqa_max_new_tokens``, 5). Predictions and
+references go through :func:`normalize_answer` and are compared exactly.
 Reported: accuracy (%), per question kind, and a chance baseline ``answer_prior``: the accuracy of
 always answering each kind's most frequent reference answer.
 """
