@@ -180,6 +180,29 @@ def test_distillation_warmup_of_one_epoch_and_its_fallback(caplog):
     assert load_config("albef").objectives["itc"]["distill_warmup"] == "epoch"
 
 
+def test_a_teacher_nothing_reads_is_warned_about(tmp_path, caplog):
+    from finealign.config_checks import teacher_readers
+    base = ["data.source=shapes-items", "data.num_samples=64", "data.batch_size=16", "data.sampler=random",
+            "train.steps=1", "train.ckpt_every=0"]
+    warning = "builds an EMA teacher that nothing in this config reads"
+    with caplog.at_level("WARNING"):
+        Trainer(load_config("albef", [*base, "objectives.itc.distill_alpha=0", f"train.run_dir={tmp_path / 'a'}"]),
+                progress=False)
+    assert sum(warning in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Trainer(load_config("albef", [*base, f"train.run_dir={tmp_path / 'b'}"]), progress=False)   # distillation
+        Trainer(load_config("syncmask", [*base, "objectives.itc.distill_alpha=0", f"train.run_dir={tmp_path / 'c'}"]),
+                progress=False)                                                                     # sync masks
+    assert not any(warning in r.getMessage() for r in caplog.records)
+    assert teacher_readers(load_config("semmim")) == [
+        "objectives.itc.distill_alpha > 0", "masking.relevance=attention", "objectives.agreement",
+        "model.mim_target=semantic"]
+    for row, reads in (("1-albef", False), ("2-sync", True), ("3-semihard", False), ("4-syncmask", True)):
+        cfg = load_config(f"configs/ablations/syncmask/{row}.yaml")
+        assert bool(teacher_readers(cfg)) == reads == (cfg.model.momentum > 0), row
+
+
 def test_queue_fills_with_teacher_embeddings_and_survives_checkpoints(tmp_path):
     cfg = load_config("syncmask", ["model.queue_size=40", "data.source=shapes-items", "data.num_samples=192",
                                    "data.batch_size=16", "data.sampler=random", "train.steps=3", "train.ckpt_every=0",

@@ -125,6 +125,20 @@ def check(cfg) -> None:
     _validate_capabilities(cfg)
 
 
+def teacher_readers(cfg) -> list[str]:
+    """The settings that read the fusion arch's momentum teacher; empty: a teacher would be built, updated and
+    run every step for nothing."""
+    m, active = cfg.model, cfg.active_objectives()
+    readers = {
+        "objectives.itc.distill_alpha > 0": "itc" in active and float(active["itc"].get("distill_alpha", 0) or 0) > 0,
+        "masking.sync": bool(cfg.masking.sync),
+        "masking.relevance=attention": cfg.masking.relevance == "attention",
+        "objectives.agreement": "agreement" in active,
+        "model.mim_target=semantic": m.mim_target == "semantic",
+    }
+    return [name for name, reads in readers.items() if reads]
+
+
 def _validate_capabilities(cfg) -> None:
     """Settings that only one model family reads: refused elsewhere rather than silently doing nothing."""
     m, active = cfg.model, cfg.active_objectives()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as D
 from ..config import Config
+from ..config_checks import teacher_readers
 from ..data.skips import SkipLog
 from ..models.factory import build_model
 from ..objectives import StepContext, build_objectives
@@ -83,6 +84,11 @@ class Trainer:
         if backbone is not None and not resume:
             ckpt.load_weights(self.model.backbone, backbone)
         self.model.to(self.device)
+        if getattr(self.model, "teacher", None) is not None and not teacher_readers(cfg) and self.main:
+            log.warning("model.momentum=%s builds an EMA teacher that nothing in this config reads (readers: "
+                        "objectives.itc.distill_alpha > 0, masking.sync, masking.relevance=attention, "
+                        "objectives.agreement, model.mim_target=semantic): it runs every step for nothing; "
+                        "set model.momentum=0", cfg.model.momentum)
         self.objectives = build_objectives(cfg.objectives).to(self.device)
         if not len(self.objectives):
             raise ValueError("no objective has a non-zero weight: nothing to train")
