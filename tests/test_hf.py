@@ -219,7 +219,7 @@ def test_bad_paths_give_clear_errors(tmp_path):
     (clip / "model.safetensors").unlink()
     with pytest.raises(HFConversionError, match="no weights"):
         finealign.load(clip)
-    with pytest.raises(CheckpointError, match="no checkpoint found"):
+    with pytest.raises(FileNotFoundError, match="is not a run, checkpoint, export .* it holds bert, clip"):
         finealign.load(tmp_path / "bert" / "..")
     ck = _tiny_checkpoint(tmp_path)
     out = finealign.load(ck).save_pretrained(tmp_path / "export")

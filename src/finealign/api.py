@@ -46,6 +46,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", which: str = "lat
     if kind == "hf":
         from .interop.hf_clip import load_hf_clip
         return load_hf_clip(p, device)
+    if p.is_dir() and not _holds_checkpoints(p):
+        if any((p / f).exists() for f in ("train.jsonl", "test.jsonl", "images", "train.csv")):
+            what = "it looks like a dataset (pass it with --data / data.root)"
+        elif (p / "config.yaml").exists() and (p / "metrics.jsonl").exists():
+            what = "a run that has saved no checkpoint yet"
+        else:
+            what = f"it holds {', '.join(sorted(c.name for c in p.iterdir())[:6]) or 'nothing'}"
+        raise FileNotFoundError(f"{p} is not a run, checkpoint, export or Hugging Face CLIPModel directory: {what}")
     ck = ckpt.find_checkpoint(path, which)
     state = ckpt.load_checkpoint(ck)            # verifies the files once; config and extra, no weights
     cfg = from_dict(state["config"])
@@ -57,6 +65,19 @@ def load(path: str | Path, device: str | torch.device = "cpu", which: str = "lat
     ckpt.load_weights(model, ck)
     model.to(device).eval()
     return Loaded(model=model, tokenizer=tokenizer, config=cfg, path=ck)
+
+
+def _holds_checkpoints(p: Path) -> bool:
+    """A run dir (checkpoints/ or step_* dirs) or a checkpoint dir (its name or its files say so)."""
+    import json
+    if (p / "checkpoints").is_dir() or ckpt.list_checkpoints(p) or ckpt.CKPT_RE.match(p.name):
+        return True
+    if (p / "model.safetensors").exists() or (p / "state.pt").exists():
+        return True
+    try:
+        return "files" in json.loads((p / "meta.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu", which: str = "latest") -> Loaded:

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe", description="Train RECIPE (a name in configs/ or a YAML path).")
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path (omit with --resume RUN_DIR)")
     p.add_argument("--resume", default=None, help="a run dir or one of its checkpoint dirs (the run continues in "
-                   "that run dir), or 'latest' with RECIPE train.run_dir=DIR")
+                   "that run dir, with its own config.yaml and the overrides on top), or 'latest' with "
+                   "train.run_dir=DIR")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _overrides(p)
@@ -209,22 +210,23 @@ def cmd_data_shard(args) -> int:
 def cmd_train(args) -> int:
     from .config import ConfigError, load_config, merge, parse_overrides, from_dict
     from .train.loop import train
-    import yaml
     overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
-    if args.recipe and "=" in args.recipe and args.resume and args.resume != "latest":
+    if args.recipe and "=" in args.recipe and args.resume:
         # `train --resume RUN key=value`: argparse hands the first override to the optional recipe slot
         overrides, args.recipe = [args.recipe] + overrides, None
-    run = None
-    if args.resume and args.resume != "latest":
-        run = Path(args.resume)
-        run = run.parent.parent if run.parent.name == "checkpoints" else run
-    if args.recipe:
+    run = _resumed_run(args.resume, overrides)
+    saved = _run_config(run) if run is not None else None
+    if saved is not None:
+        # a resume continues the run's own config (data, batch, objectives as trained); overrides apply on top
+        if args.recipe and not _same_recipe(args.recipe, saved.get("recipe")):
+            raise ConfigError(f"{run} was trained with recipe {saved.get('recipe')!r}, not {args.recipe!r}; "
+                              f"`finealign train --resume {run} [key=value ...]` continues it with its own config")
+        cfg = from_dict(merge(saved, parse_overrides(overrides)))
+    elif args.recipe:
         cfg = load_config(args.recipe, overrides)
-    elif run is not None:
-        raw = yaml.safe_load((run / "config.yaml").read_text())
-        cfg = from_dict(merge(raw, parse_overrides(overrides)))
     else:
-        raise ConfigError("name a recipe (finealign recipes lists them) or --resume RUN_DIR")
+        raise ConfigError("name a recipe (finealign recipes lists them) or --resume RUN_DIR" if not args.resume
+                          else f"--resume {args.resume}: {run} holds no config.yaml or checkpoint to continue")
     if run is not None and not any(o.startswith("train.run_dir=") for o in overrides):
         # the run continues where it now is: config.yaml's run_dir is where it was trained, and a moved or
         # copied run would otherwise write (and prune checkpoints) there
@@ -235,6 +237,44 @@ def cmd_train(args) -> int:
         print(f"run directory: {run_dir}")
     D.destroy()
     return 0
+
+
+def _resumed_run(resume: str | None, overrides: list[str]) -> Path | None:
+    """The run dir a resume continues: ``--resume RUN|CHECKPOINT``, or ``train.run_dir`` with ``latest``."""
+    if not resume:
+        return None
+    if resume == "latest":
+        given = [o.split("=", 1)[1] for o in overrides if o.startswith("train.run_dir=")]
+        return Path(given[-1]) if given and given[-1] else None
+    run = Path(resume)
+    return run.parent.parent if run.parent.name == "checkpoints" else run
+
+
+def _run_config(run: Path) -> dict | None:
+    """The run's config.yaml, else its newest checkpoint's config (None: neither)."""
+    import yaml
+    from .config import ConfigError
+    from .train import checkpoint as ckpt
+    path = run / "config.yaml"
+    if path.is_file():
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: not a run's config (a mapping), got {type(data).__name__}")
+        return data
+    try:
+        return ckpt.load_config_from_checkpoint(run, verify=False) if ckpt.list_checkpoints(run) else None
+    except ckpt.CheckpointError:
+        return None
+
+
+def _same_recipe(given: str, saved: str | None) -> bool:
+    if not saved:
+        return True
+    stem = Path(given).stem if given.endswith(".yaml") else given
+    return stem == saved or Path(stem).name == Path(saved).name
 
 
 def cmd_quickstart(args) -> int:

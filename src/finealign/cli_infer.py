@@ -11,7 +11,15 @@ def cmd_eval(args) -> int:
     from .api import load
     from .config import ConfigError, from_dict, merge, parse_overrides
     from .eval.runner import evaluate, format_results
+    from .eval.vqa import can_answer
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory: give the results file (e.g. {Path(args.out) / 'eval.json'})")
     loaded = load(args.checkpoint)
+    asked = set(args.task or ())
+    if "caption" in asked and getattr(loaded.model, "decoder", None) is None:
+        raise ValueError(f"--task caption: {loaded.path} has no caption decoder (model.decoder_layers=0, e.g. CLIP)")
+    if "vqa" in asked and not can_answer(loaded.model):
+        raise ValueError(f"--task vqa: {loaded.path} cannot answer questions (zero-shot VQA needs a MacCap run)")
     extra = parse_overrides(args.overrides)
     fixed = sorted({f"{k}.*" for k in extra if k not in ("data", "eval", "maccap", "train")}
                    | {f"train.{k}" for k in extra.get("train", {}) if k != "seed"})
@@ -44,9 +52,31 @@ def cmd_eval(args) -> int:
         return 0
     print(format_results(res))
     out = Path(args.out) if args.out else loaded.path / f"eval_{Path(split).stem}.json"
+    res["evaluated_on"] = {"split": split, "source": cfg.data.source, "root": cfg.data.root,
+                           "max_images": cfg.eval.max_images}
+    kept = _merge_earlier(out, res)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2, default=str))
-    print(f"results written to {out}")
+    print(f"results written to {out}" + (f" (kept its earlier {', '.join(kept)} results)" if kept else ""))
     return 0
+
+
+def _merge_earlier(out: Path, res: dict) -> list[str]:
+    """Keep the tasks of an earlier results file that this evaluation did not run (``--task A`` then
+    ``--task B`` gives one file with both), when they were measured on the same data; returns their names."""
+    from .eval.runner import TASKS
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict) or old.get("evaluated_on") != res["evaluated_on"]:
+        return []
+    kept = [t for t in TASKS if t in old and t not in res]
+    for t in kept:
+        res[t] = old[t]
+    if "caption" in kept and "samples" in old:
+        res["samples"] = old["samples"]
+    return kept
 
 
 def _load_images(paths, size):

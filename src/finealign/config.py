@@ -188,6 +188,8 @@ def _coerce(v: Any, typ: Any, key: str) -> Any:
 def from_dict(raw: dict[str, Any]) -> Config:
     raw = copy.deepcopy(raw)
     model = raw.get("model", {}) or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model must be a mapping of model.* keys, got {model!r}")
     preset = model.get("preset", ModelConfig.preset)
     raw["model"] = merge({"preset": preset, **load_preset(preset)}, model)
     objectives = raw.get("objectives")

@@ -11,6 +11,7 @@ def check(cfg) -> None:
     from . import objectives as _  # noqa: F401  (registers the objectives)
     for name, opts in cfg.objectives.items():
         _check_options(name, OBJECTIVES.get(name), opts)  # get raises with a suggestion on a typo
+    _check_ranges(cfg)
     if cfg.train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be fp32 or bf16, got {cfg.train.precision!r}")
     if cfg.data.batch_size % cfg.train.grad_accum:
@@ -275,11 +276,55 @@ def _validate_towers(cfg) -> None:
                               "set model.decoder_layers=0 (CLIP-style, e.g. the clip recipe)")
 
 
+#: numeric keys and the smallest value each accepts (its meaning at the bound in the schema's comments)
+AT_LEAST = {
+    "data.batch_size": 1, "data.eval_batch_size": 1, "data.workers": 0, "data.num_samples": 0,
+    "data.max_image_pixels": 0, "train.steps": 0, "train.grad_accum": 1, "train.warmup": 0,
+    "train.log_every": 1, "train.ckpt_every": 0, "train.keep": 0, "train.eval_every": 0, "train.threads": 0,
+    "train.skip_nonfinite": 0, "train.clip_grad": 0, "train.weight_decay": 0, "train.eps": 0,
+    "eval.max_images": 0, "eval.beam_size": 1, "eval.max_new_tokens": 1, "tokenizer.vocab_size": 8,
+    "model.image_size": 1, "model.patch_size": 1, "model.vision_width": 1, "model.vision_layers": 1,
+    "model.vision_heads": 1, "model.text_width": 1, "model.text_layers": 0, "model.text_heads": 1,
+    "model.decoder_layers": 0, "model.fusion_layers": 0, "model.context_length": 3, "model.embed_dim": 1,
+    "model.caption_queries": 1, "model.queue_size": 0, "model.mim_decoder_layers": 0,
+    "model.mim_decoder_width": 0, "model.mim_decoder_heads": 0, "model.vocab_size": 0,
+    "maccap.copies": 1, "maccap.queries": 1, "maccap.subregions": 0, "maccap.samples": 1,
+}
+#: other numeric bounds: key -> (test, what it says)
+IN_RANGE = {"train.lr": (lambda v: v > 0, "> 0"), "train.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "train.beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "train.beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "model.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "eval.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "eval.temperature": (lambda v: v > 0, "> 0")}
+
+
+def _get(cfg, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_ranges(cfg) -> None:
+    for key, low in AT_LEAST.items():
+        if _get(cfg, key) < low:
+            raise ConfigError(f"{key} must be >= {low}, got {_get(cfg, key)}")
+    for key, (ok, text) in IN_RANGE.items():
+        if not ok(_get(cfg, key)):
+            raise ConfigError(f"{key} must be {text}, got {_get(cfg, key)}")
+    from .config_schema import EVAL_TASKS
+    for t in cfg.eval.tasks:
+        if t not in EVAL_TASKS:
+            close = difflib.get_close_matches(str(t), EVAL_TASKS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"eval.tasks: unknown task {t!r}{hint} (tasks: {', '.join(EVAL_TASKS)})")
+
+
 def _check_options(name: str, cls, opts) -> None:
     """``objectives.NAME.KEY`` must be ``weight`` or a keyword of the objective's constructor."""
     import inspect
     if not isinstance(opts, dict):
         raise ConfigError(f"objectives.{name} must be a mapping of options (e.g. {{weight: 1.0}}), got {opts!r}")
+    w = opts.get("weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise ConfigError(f"objectives.{name}.weight must be a number, got {w!r}")
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return

@@ -14,6 +14,10 @@ class ConfigError(ValueError):
     pass
 
 
+#: what ``eval.tasks`` / ``finealign eval --task`` may name (eval/runner.py runs them)
+EVAL_TASKS = ("retrieval", "caption", "classify", "tgir", "vqa")
+
+
 @dataclass
 class ModelConfig:
     preset: str = "tiny"             # architecture preset in models/presets/ (tiny, small, base, bench-tiny)

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ..config import Config
+from ..config_schema import EVAL_TASKS
 from ..data.loader import build_source, collect_captions, unique_images
 from ..data.skips import SkipLog
 from ..data.transforms import ImageTransform
@@ -33,7 +34,7 @@ from .tgir import evaluate_tgir
 from .vqa import can_answer, evaluate_vqa
 
 log = logging.getLogger("finealign")
-TASKS = ("retrieval", "caption", "classify", "tgir", "vqa")
+TASKS = EVAL_TASKS
 IMAGE_TASKS = ("retrieval", "caption", "classify")     # tasks on the split's images and captions
 
 

@@ -53,7 +53,7 @@ def eval_section(run: RunDir) -> Section:
         rel = path.relative_to(run.path) if path.is_relative_to(run.path) else path
         sec.html(f"<h4>{esc(rel)}</h4>")
         for task, vals in res.items():
-            if isinstance(vals, dict) and task not in ("skipped", "timing") and _scalars(vals):
+            if isinstance(vals, dict) and task not in ("skipped", "timing", "evaluated_on") and _scalars(vals):
                 sec.html(table([task, "value"], _scalars(vals), cls=f"eval eval-{task}"))
         for note in [n for v in res.values() if isinstance(v, dict) for n in v.get("notes", [])]:
             sec.text(f"note: {note}", "muted")
@@ -182,7 +182,7 @@ def comparison_section(runs: list[RunDir], out_dir: Path, title: str = "Runs com
     keys = []
     for res in latest:
         for task, vals in res.items():
-            if isinstance(vals, dict) and task not in ("skipped", "timing"):
+            if isinstance(vals, dict) and task not in ("skipped", "timing", "evaluated_on"):
                 keys += [(task, k) for k, v in vals.items() if isinstance(v, (int, float))
                          and not isinstance(v, bool) and (task, k) not in keys]
     if keys:

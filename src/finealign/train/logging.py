@@ -12,11 +12,12 @@ log = logging.getLogger("finealign")
 class MetricLogger:
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
         """``resume_step``: the run resumes from a checkpoint at that step; rows the interrupted process
-        logged after it (and a line torn by a kill) are dropped, so each step appears once."""
+        logged after it (and a line torn by a kill) are dropped, so each step appears once. Without it the
+        run starts afresh: rows of an earlier attempt that saved no checkpoint are dropped."""
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             _truncate_after(self.path, resume_step)
-        self._fh = open(self.path, "a", buffering=1)
+        self._fh = open(self.path, "a" if resume_step is not None else "w", buffering=1)
         self._tb = None
         if tensorboard:
             try:

@@ -74,11 +74,14 @@ class Trainer:
         cfg.train.run_dir = name
         with rank_zero_first(self.dist):         # rank 0 trains (or copies) the tokenizer first
             self.skips = SkipLog(strict=cfg.data.strict)
-            if (backbone is not None and self.main and not (self.run_dir / "tokenizer.json").exists()
+            # the tokenizer the weights were trained with: the backbone's (MacCap), or on a resume the
+            # checkpoint's own copy when the run's tokenizer.json is gone (retraining a BPE would renumber)
+            source = backbone if backbone is not None and not resume else self._resume_path(resume)
+            if (source is not None and self.main and not (self.run_dir / "tokenizer.json").exists()
                     and not cfg.tokenizer.path):
-                # resolve_backbone verified this checkpoint's hashes already: read its tokenizer without re-hashing
+                # resolve_backbone (the trainer's load, for a resume) verifies these hashes: read without it
                 (self.run_dir / "tokenizer.json").write_text(
-                    ckpt.load_checkpoint(backbone, verify=False)["extra"]["tokenizer_json"])
+                    ckpt.load_checkpoint(source, verify=False)["extra"]["tokenizer_json"])
             self.tokenizer = build_tokenizer(cfg, self.run_dir, self.skips)
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, full=cfg, tokenizer=self.tokenizer)
         if backbone is not None and not resume:
@@ -107,8 +110,10 @@ class Trainer:
         self.loader = build_train_loader(cfg, self.tokenizer, self.skips, self.dist, self.device)
         self.step = 0
         if resume:
-            path = ckpt.find_checkpoint(self.run_dir if resume == "latest" else resume, "latest")
+            path = self._resume_path(resume)
             state = self.engine.load(path, self.optimizer, self.scheduler, map_location=self.device)
+            if self.main:                        # loaded: the config this run now continues with
+                (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
             ranks = state["extra"].get("rng_ranks")
             if self.dist.rank and ranks and len(ranks) == self.dist.world_size:
                 ckpt.set_rng_state(ranks[self.dist.rank])
@@ -128,6 +133,12 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(tc.skip_nonfinite, skipped=state["extra"].get("nonfinite_skipped", 0)
                                         if resume else 0)
         self._stop_signal: int | None = None
+
+    def _resume_path(self, resume: str | None) -> Path | None:
+        """The checkpoint a resume loads (None: not resuming)."""
+        if not resume:
+            return None
+        return ckpt.find_checkpoint(self.run_dir if resume == "latest" else resume, "latest")
 
     # ------------------------------------------------------------------ one optimizer step
     def autocast(self):

@@ -15,12 +15,22 @@ log = logging.getLogger("finealign")
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA when available (device ``local_rank``: one GPU per process under torchrun), else CPU."""
+    """``auto``: CUDA when available (device ``local_rank``: one GPU per process under torchrun), else CPU.
+    A device this machine lacks (or a name torch does not know) is a ConfigError naming ``train.device``."""
+    from ..config import ConfigError
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        raise ConfigError(f"train.device={name} but this machine has no {dev.type} device; use train.device=cpu "
+                          f"(or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     return dev
@@ -40,7 +50,12 @@ def rank_zero_first(dist):
 
 
 def make_run_dir(cfg: Config, resume: str | None) -> Path:
-    """``train.run_dir`` or ``runs/<recipe>-<timestamp>``; the resolved config is written there."""
+    """``train.run_dir`` or a new ``runs/<recipe>-<timestamp>[-N]``. A new run writes its resolved config
+    there; a resumed one leaves config.yaml to the trainer, which writes it once the checkpoint has loaded
+    (a resume that fails leaves the run as it was). A new run into a directory that holds checkpoints is
+    refused: it would mix two runs' checkpoints and metrics."""
+    from ..config import ConfigError
+    from . import checkpoint as ckpt
     if cfg.train.run_dir:
         run_dir = Path(cfg.train.run_dir)
     elif resume and resume != "latest":
@@ -48,15 +63,34 @@ def make_run_dir(cfg: Config, resume: str | None) -> Path:
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else p
     else:
         if resume == "latest":
-            raise ValueError("--resume latest needs train.run_dir=DIR (the run to continue)")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{(cfg.recipe or 'run').replace('/', '-')}-{stamp}"
+            raise ConfigError("--resume latest needs train.run_dir=DIR (the run to continue)")
+        run_dir = _new_run_dir(Path("runs"), (cfg.recipe or "run").replace("/", "-"))
     if resume:
         check_resumable(cfg, run_dir if resume == "latest" else Path(resume))
+    elif run_dir.is_file():
+        raise ConfigError(f"train.run_dir={run_dir} is a file, not a directory")
+    elif found := ckpt.list_checkpoints(run_dir):
+        raise ConfigError(f"train.run_dir={run_dir} already holds a run (checkpoints up to {found[-1].name}): "
+                          f"continue it with `finealign train --resume {run_dir}`, or choose a new train.run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.run_dir = str(run_dir)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if not resume:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return run_dir
+
+
+def _new_run_dir(parent: Path, name: str) -> Path:
+    """``parent/name-<timestamp>``, created here; runs started in the same second get ``-2``, ``-3``, ..."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        run_dir = parent / (f"{name}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free run directory name for {name}-{stamp}")
 
 
 #: optimizer settings a resume restores from the checkpoint's optimizer / scheduler state
@@ -64,10 +98,11 @@ RESTORED = ("lr", "weight_decay", "beta1", "beta2", "eps")
 
 
 def check_resumable(cfg: Config, where: Path) -> None:
-    """Refuse a resume whose config changes what the optimizer state restores (it would be written to
-    config.yaml and silently not apply), before anything is written. Reads the newest checkpoint's config
-    without hashing its files (the trainer's load verifies them); a missing checkpoint is left to that
-    load's own error."""
+    """Refuse, before anything is written, a resume whose config changes what the checkpoint fixes: the
+    model and tokenizer (``model.*``, ``tokenizer.*``: the weights would not load, or would read other token
+    ids) and what the optimizer state restores (``train.lr`` etc.: it would silently not apply). Reads the
+    newest checkpoint's config without hashing its files (the trainer's load verifies them); a missing
+    checkpoint is left to that load's own error."""
     from ..config import ConfigError
     from . import checkpoint as ckpt
     try:
@@ -75,6 +110,12 @@ def check_resumable(cfg: Config, where: Path) -> None:
         saved = ckpt.load_config_from_checkpoint(found[-1] if found else where, verify=False)
     except (ckpt.CheckpointError, FileNotFoundError):
         return
+    changed = [f"{section}.{k} ({v!r} -> {getattr(getattr(cfg, section), k)!r})"
+               for section in ("model", "tokenizer") for k, v in (saved.get(section) or {}).items()
+               if hasattr(getattr(cfg, section), k) and v != getattr(getattr(cfg, section), k)]
+    if changed:
+        raise ConfigError(f"--resume continues the checkpoint's model, so {', '.join(changed)} cannot change; "
+                          f"resume with the run's values (or start a new run)")
     train = saved.get("train") or {}
     changed = [f"train.{k} ({train[k]} -> {getattr(cfg.train, k)})" for k in RESTORED
                if k in train and float(train[k]) != float(getattr(cfg.train, k))]

@@ -1,0 +1,159 @@
+"""Usage mistakes on the command line: each is refused with a message naming what to change, before
+anything on disk changes (or, where the intent is clear, does what was meant)."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from finealign.cli import main
+from finealign.config import ConfigError, load_config
+from finealign.train.checkpoint import find_checkpoint, list_checkpoints
+
+TINY = ["data.source=shapes", "data.num_samples=64", "data.batch_size=8", "train.warmup=1", "train.threads=2",
+        "train.ckpt_every=0", "eval.max_images=16", "--no-progress"]
+
+
+def train(tmp_path, name, *extra, recipe="clip"):
+    run = tmp_path / name
+    assert main(["train", recipe, *TINY, "train.steps=2", f"train.run_dir={run}", *extra]) == 0
+    return run
+
+
+def snapshot(run):
+    return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and "tb" not in p.parts}
+
+
+def test_a_new_run_into_a_run_dir_with_checkpoints_is_refused(tmp_path, capsys):
+    run = train(tmp_path, "run")
+    before = snapshot(run)
+    assert main(["train", "clip", *TINY, "train.steps=3", f"train.run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (checkpoints up to step_00000002)" in err and f"--resume {run}" in err
+    assert snapshot(run) == before
+    # a directory without checkpoints (a run that died before its first save) may be reused: its metrics
+    # start afresh instead of continuing the dead run's rows
+    (run / "checkpoints").rename(tmp_path / "moved")
+    assert main(["train", "clip", *TINY, "train.steps=1", "train.log_every=1", f"train.run_dir={run}"]) == 0
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_continues_the_runs_own_config_not_the_recipes(tmp_path, capsys):
+    """The run was trained on shapes with batch 8: `train clip --resume RUN` (and the README's
+    `train clip train.run_dir=RUN --resume latest`) keeps that, where rebuilding from the recipe would
+    switch to the recipe's data source and batch size."""
+    run = train(tmp_path, "run")
+    recipe = load_config("clip")
+    assert (recipe.data.source, recipe.data.batch_size) != ("shapes", 8)
+    assert main(["train", "clip", "--resume", str(run), "train.steps=3", "--no-progress"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["data"]["source"], saved["data"]["batch_size"], saved["train"]["steps"]) == ("shapes", 8, 3)
+    assert main(["train", "clip", f"train.run_dir={run}", "--resume", "latest", "train.steps=4",
+                 "--no-progress"]) == 0
+    assert find_checkpoint(run).name == "step_00000004"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["data"]["source"], saved["data"]["batch_size"]) == ("shapes", 8)
+    capsys.readouterr()
+    before = snapshot(run)
+    assert main(["train", "coca", "--resume", str(run), "train.steps=5", "--no-progress"]) == 2
+    assert "was trained with recipe 'clip', not 'coca'" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
+def test_a_resume_that_changes_the_model_is_refused_before_config_yaml_changes(tmp_path, capsys):
+    run = train(tmp_path, "run")
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run), "train.steps=3", "model.embed_dim=64", "--no-progress"]) == 2
+    assert "model.embed_dim (128 -> 64) cannot change" in capsys.readouterr().err
+    assert snapshot(run) == before
+    assert main(["train", "--resume", str(run), "train.steps=3", "--no-progress"]) == 0   # not stuck
+    assert find_checkpoint(run).name == "step_00000003"
+
+
+def test_a_resume_reads_the_checkpoints_tokenizer_when_the_runs_copy_is_gone(tmp_path):
+    run = train(tmp_path, "run")
+    original = json.loads((run / "tokenizer.json").read_text())
+    (run / "tokenizer.json").unlink()
+    # other captions (a BPE retrained on them would number the tokens differently)
+    assert main(["train", "--resume", str(run), "train.steps=3", "data.num_samples=16", "data.seed=5",
+                 "--no-progress"]) == 0
+    assert json.loads((run / "tokenizer.json").read_text()) == original
+
+
+def test_an_unavailable_device_is_a_config_error(tmp_path, capsys):
+    assert main(["train", "clip", *TINY, "train.device=gpu", f"train.run_dir={tmp_path / 'a'}"]) == 2
+    assert "train.device='gpu' is not a device: use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", "clip", *TINY, "train.device=cuda", f"train.run_dir={tmp_path / 'b'}"]) == 2
+        assert "train.device=cuda but this machine has no cuda device" in capsys.readouterr().err
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    from finealign.train import setup
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(setup.time, "strftime", lambda fmt: "20261124-120000")
+    dirs = [setup.make_run_dir(load_config("clip"), None) for _ in range(3)]
+    assert [d.name for d in dirs] == ["clip-20261124-120000", "clip-20261124-120000-2", "clip-20261124-120000-3"]
+    assert all((d / "config.yaml").is_file() for d in dirs)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
+    ("data.eval_batch_size=0", "data.eval_batch_size must be >= 1, got 0"),
+    ("train.grad_accum=0", "train.grad_accum must be >= 1, got 0"),
+    ("train.lr=0", "train.lr must be > 0, got 0.0"),
+    ("train.steps=-1", "train.steps must be >= 0, got -1"),
+    ("data.workers=-1", "data.workers must be >= 0, got -1"),
+    ("eval.max_images=-5", "eval.max_images must be >= 0, got -5"),
+    ("data.num_samples=-1", "data.num_samples must be >= 0, got -1"),
+    ("model.momentum=1", "model.momentum must be in [0, 1), got 1.0"),
+    ("eval.top_p=0", "eval.top_p must be in (0, 1], got 0.0"),
+    ("objectives.itc.weight=abc", "objectives.itc.weight must be a number, got 'abc'"),
+    ("eval.tasks=[retrival]", "eval.tasks: unknown task 'retrival'; did you mean 'retrieval'?"),
+    ("model=[1,2]", "model must be a mapping of model.* keys, got [1, 2]"),
+])
+def test_out_of_range_and_mistyped_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("clip", [override])
+    assert message in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("usage"), "clip")
+
+
+def test_eval_refuses_a_task_the_model_cannot_run_and_merges_task_results(clip_run, tmp_path, capsys):
+    ck = find_checkpoint(clip_run)
+    assert main(["eval", str(clip_run), "--task", "retrieval", "--no-progress"]) == 0
+    out = ck / "eval_test.json"
+    first = json.loads(out.read_text())
+    assert "retrieval" in first and first["evaluated_on"]["max_images"] == 16
+    assert main(["eval", str(clip_run), "--task", "caption", "--no-progress"]) == 2
+    assert "--task caption: " in (err := capsys.readouterr().err) and "has no caption decoder" in err
+    assert json.loads(out.read_text()) == first                 # the refused task wrote nothing
+    assert main(["eval", str(clip_run), "--task", "classify", "--no-progress"]) == 0
+    assert "kept its earlier retrieval results" in capsys.readouterr().out
+    both = json.loads(out.read_text())
+    assert both["retrieval"] == first["retrieval"] and "classify" in both
+    # other data: the earlier results are not mixed in
+    assert main(["eval", str(clip_run), "--task", "classify", "eval.max_images=8", "--no-progress"]) == 0
+    assert "retrieval" not in json.loads(out.read_text())
+    # --out: a directory is refused before evaluating, a missing parent is created
+    assert main(["eval", str(clip_run), "--task", "classify", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    target = tmp_path / "new" / "sub" / "res.json"
+    assert main(["eval", str(clip_run), "--task", "classify", "--out", str(target), "--no-progress"]) == 0
+    assert "classify" in json.loads(target.read_text())
+
+
+def test_a_dataset_dir_given_as_a_model_is_named_as_one(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    (ds / "images").mkdir(parents=True)
+    (ds / "meta.json").write_text('{"font": "x"}')
+    (ds / "train.jsonl").write_text("")
+    assert main(["eval", str(ds), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a run, checkpoint, export or Hugging Face CLIPModel directory" in err
+    assert "looks like a dataset (pass it with --data" in err
+    assert not list_checkpoints(ds)
