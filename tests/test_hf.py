@@ -19,7 +19,7 @@ from finealign.interop.export import ExportError  # noqa: E402
 from finealign.interop.hf_clip import HFConversionError  # noqa: E402
 from finealign.interop.hf_text import fix_tokenizer  # noqa: E402
 from finealign.models.factory import build_model  # noqa: E402
-from finealign.train.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from finealign.train.checkpoint import save_checkpoint  # noqa: E402
 
 TEXTS = ["a red cat", "A dog!", "red red dog cat", "cat"]
 # smaller than the tiny preset: building (random init) dominates these tests

@@ -18,6 +18,20 @@ def _overrides(p: argparse.ArgumentParser) -> None:
                    help="dotted config overrides, e.g. train.steps=200 model.vision_width=256")
 
 
+def _at_least(low, kind=int):
+    """An argparse type: a number of ``kind`` that is >= ``low`` (else a usage error naming the option)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return v
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="finealign", description="Fine-grained vision-language alignment.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -29,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=["emoji"], help="dataset to build")
     b.add_argument("--out", default="data/emoji", help="output directory (default: data/emoji)")
     b.add_argument("--font", default=None, help="colour emoji font (default: system Noto Color Emoji)")
-    b.add_argument("--size", type=int, default=64, help="image side in pixels")
+    b.add_argument("--size", type=_at_least(8), default=64, help="image side in pixels")
     b.add_argument("--seed", type=int, default=0, help="split seed")
     b = dsub.add_parser("shard", help="write a split of any registered source as webdataset shards",
                         description="Write split --split of source --source as tar shards (read back with "
@@ -38,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--root", default=None, help="the source's data.root (dataset directory or file)")
     b.add_argument("--split", default="train", help="split name (train/val/test) or split value (default: train)")
     b.add_argument("--out", required=True, help="shard pattern with a printf field, e.g. shards/train-%%06d.tar")
-    b.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default: 1000)")
+    b.add_argument("--maxcount", type=_at_least(1), default=1000, help="samples per shard (default: 1000)")
     b.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png", help="image encoding (default: png)")
     _overrides(b)
 
@@ -69,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--decode", choices=["greedy", "beam", "top_p"], default=None,
                    help="decoding strategy (default: the run's eval.decode)")
-    p.add_argument("--num", type=int, default=1, help="captions per image (top_p sampling)")
+    p.add_argument("--num", type=_at_least(1), default=1, help="captions per image (top_p sampling)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (top_p, MacCap noise) (default: 0)")
     p.add_argument("--zero-shot", action="store_true",
                    help="require a MacCap run (text-only training): subregions, N noisy samples, re-ranking")
@@ -81,12 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image query: rank the captions of --captions-from's split")
     p.add_argument("--captions-from", default=None, help="dataset root whose test captions are ranked "
                    "(default: the checkpoint's data.root)")
-    p.add_argument("-k", type=int, default=5, help="results shown (default: 5)")
+    p.add_argument("-k", type=_at_least(1), default=5, help="results shown (default: 5)")
 
     p = sub.add_parser("quickstart", help="build emoji data, train CoCa (tiny) ~5 min on CPU, evaluate")
     p.add_argument("--out", default=None, help="run directory (default: runs/quickstart-<time>)")
     p.add_argument("--data", default="data/emoji", help="where the emoji dataset is (built if missing)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart recipe's)")
+    p.add_argument("--steps", type=_at_least(1), default=None, help="training steps (default: the quickstart recipe's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _overrides(p)
 
@@ -102,12 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("checkpoint")
     v.add_argument("--images", required=True, help="directory of .png/.jpg images")
     v.add_argument("--out", default="prototypes.png", help="PNG to write (default: prototypes.png)")
-    v.add_argument("--num", type=int, default=8, help="prototypes shown: the most used ones (default: 8)")
-    v.add_argument("--top", type=int, default=6, help="patches shown per prototype (default: 6)")
+    v.add_argument("--num", type=_at_least(1), default=8, help="prototypes shown: the most used ones (default: 8)")
+    v.add_argument("--top", type=_at_least(1), default=6, help="patches shown per prototype (default: 6)")
     v = vsub.add_parser("mix", help="TiMix / CutMix / Mixup: target, source, patch scores, windows, mixed image, λ")
     v.add_argument("checkpoint")
     v.add_argument("--split", default="val", help="split of the run's data source to draw pairs from (default: val)")
-    v.add_argument("--num", type=int, default=4, help="images (rows) (default: 4)")
+    v.add_argument("--num", type=_at_least(1), default=4, help="images (rows) (default: 4)")
     v.add_argument("--mixer", default=None, choices=["timix", "cutmix", "mixup"],
                    help="mixer to show (default: the run's, else timix)")
     v.add_argument("--seed", type=int, default=0, help="seed of the window-side / λ draw")
@@ -126,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("checkpoint")
     a.add_argument("--split", default=None, help="split to embed (default: data.test)")
     a.add_argument("--out", default=None, help="output directory (default: <run dir>/gap/)")
-    a.add_argument("--max-images", type=int, default=None, help="use at most N images (default: all)")
-    a.add_argument("-k", type=int, default=10, help="subregions per image (default: 10)")
+    a.add_argument("--max-images", type=_at_least(1), default=None, help="use at most N images (default: all)")
+    a.add_argument("-k", type=_at_least(0), default=10, help="subregions per image (default: 10)")
     a.add_argument("-w", type=float, default=1.0, help="aggregation weight: normalise(g + w·s) (default: 1)")
     a.add_argument("--no-progress", action="store_true")
     _overrides(a)
@@ -151,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--gallery", required=True, help="directory of images to search")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=_at_least(0), default=8000, help="port (default: 8000)")
     p.add_argument("--cache", default=None, help="embedding cache dir (default: ~/.cache/finealign/serve)")
-    p.add_argument("--max-upload-mb", type=float, default=8.0, help="upload size limit in MiB (default: 8)")
+    p.add_argument("--max-upload-mb", type=_at_least(0.001, float), default=8.0, help="upload size limit in MiB (default: 8)")
 
     sub.add_parser("recipes", help="list bundled recipes")
     return ap
@@ -175,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train.loop import NonFiniteLossError
     try:
         return VERBS[args.verb](args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, CheckpointError, NonFiniteLossError) as e:
+    except (ConfigError, OSError, ValueError, KeyError, CheckpointError, NonFiniteLossError) as e:
+        # OSError: a path that exists where a new one is wanted, a permission, a full disk: one line, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"finealign {args.verb}: error: {msg}", file=sys.stderr)
         return 2
@@ -288,18 +303,23 @@ def cmd_viz(args) -> int:
         print(f"wrote {save_study_plot(args.results, args.out, args.x, args.metric)}")
         return 0
     from .api import load
+    loaded = load(args.checkpoint)
+    if loaded.config.model.arch == "maccap" and args.viz_verb in ("masks", "mix"):
+        raise ValueError(f"viz {args.viz_verb}: {loaded.path} is a MacCap run (a captioner trained over a frozen "
+                         f"backbone); its patches and text are the backbone's: visualise the backbone run "
+                         f"({loaded.config.maccap.backbone or 'maccap.backbone'})")
     if args.viz_verb == "prototypes":
         from .analysis.viz_prototypes import save_prototype_figure
-        out = save_prototype_figure(load(args.checkpoint), args.images, args.out, args.num, args.top)
+        out = save_prototype_figure(loaded, args.images, args.out, args.num, args.top)
         print(f"wrote {out}")
         return 0
     if args.viz_verb == "mix":
         from .analysis.viz_mix import save_mix_figure
-        out = save_mix_figure(load(args.checkpoint), args.out, args.split, args.num, args.mixer, args.seed)
+        out = save_mix_figure(loaded, args.out, args.split, args.num, args.mixer, args.seed)
         print(f"wrote {out}")
         return 0
     from .analysis.viz import save_mask_figure
-    out = save_mask_figure(load(args.checkpoint), args.image, args.text, args.out)
+    out = save_mask_figure(loaded, args.image, args.text, args.out)
     print(f"wrote {out}")
     return 0
 
@@ -315,6 +335,9 @@ def cmd_analyze(args) -> int:
         raise ConfigError(f"analyze gap: only data.* overrides apply to a trained model, got "
                           f"{', '.join(sorted(set(extra) - {'data'}))}")
     loaded = replace(loaded, config=from_dict(merge(loaded.config.to_dict(), extra)))
+    if loaded.config.model.arch == "maccap":     # its embeddings are the frozen backbone's: measure that
+        print(f"{loaded.path} is a MacCap run: the gap of its frozen backbone ({loaded.config.maccap.backbone})")
+        loaded = replace(loaded, model=loaded.model.backbone)
     res = run_gap_analysis(loaded, split=args.split, out_dir=args.out, max_images=args.max_images,
                            progress=not args.no_progress, k=args.k, w=args.w)
     print(format_gap_summary(res))

@@ -34,6 +34,10 @@ def cmd_eval(args) -> int:
     if args.strict:
         data["strict"] = True
     cfg = from_dict(merge(loaded.config.to_dict(), extra))
+    from .config_checks import PROCEDURAL_SOURCES
+    if args.data and cfg.data.source in PROCEDURAL_SOURCES:
+        raise ConfigError(f"--data {args.data}: data.source={cfg.data.source} is generated in memory and reads no "
+                          f"files; name the files' format with --source (emoji, csv, jsonl, coco, webdataset)")
     if extra.get("maccap"):
         if not callable(getattr(loaded.model, "set_inference", None)):
             raise ValueError(f"maccap.* overrides apply to MacCap runs; {loaded.path} is not one")

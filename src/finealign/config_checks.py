@@ -276,6 +276,8 @@ def _validate_towers(cfg) -> None:
                               "set model.decoder_layers=0 (CLIP-style, e.g. the clip recipe)")
 
 
+#: data sources generated in memory (no files: data.root does not apply, data.num_samples does)
+PROCEDURAL_SOURCES = ("shapes", "shapes-items")
 #: numeric keys and the smallest value each accepts (its meaning at the bound in the schema's comments)
 AT_LEAST = {
     "data.batch_size": 1, "data.eval_batch_size": 1, "data.workers": 0, "data.num_samples": 0,
@@ -309,6 +311,10 @@ def _check_ranges(cfg) -> None:
     for key, (ok, text) in IN_RANGE.items():
         if not ok(_get(cfg, key)):
             raise ConfigError(f"{key} must be {text}, got {_get(cfg, key)}")
+    if cfg.data.num_samples and cfg.data.source not in PROCEDURAL_SOURCES:
+        raise ConfigError(f"data.num_samples sizes a procedural source ({', '.join(PROCEDURAL_SOURCES)}); "
+                          f"data.source={cfg.data.source} reads its samples from files: use data.fraction "
+                          f"(training) or eval.max_images instead")
     from .config_schema import EVAL_TASKS
     for t in cfg.eval.tasks:
         if t not in EVAL_TASKS:

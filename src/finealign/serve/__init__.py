@@ -23,11 +23,27 @@ def build(checkpoint, gallery, cache=None, max_upload_mb: float = 8.0):
     return create_app(loaded, g, int(max_upload_mb * 1024 * 1024)), g
 
 
+def check_listen(host: str, port: int) -> None:
+    """Refuse a port that is out of range, or that this host cannot listen on (in use, not permitted)."""
+    import socket
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: must be in 0..65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does
+            sock.bind(addr)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args) -> int:
     try:
         import uvicorn
     except ImportError as e:
         raise ValueError(f"finealign serve needs the serve extra: pip install 'finealign[serve]' ({e})") from None
+    check_listen(args.host, args.port)          # before the (possibly long) gallery embedding
     app, g = build(args.checkpoint, args.gallery, args.cache, args.max_upload_mb)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines (no authentication)", args.host)

@@ -347,6 +347,10 @@ def build(cfg: DataConfig, split: str, skips: SkipLog) -> EmojiJsonl:
     name = str(getattr(cfg, split)) if split in ("train", "val", "test") else split
     path = Path(name) if name.endswith(".jsonl") and Path(name).is_file() else root / f"{name}.jsonl"
     if not path.is_file():
+        splits = sorted(p.stem for p in root.glob("*.jsonl")) if root.is_dir() else []
+        if splits:              # the dataset is there, the split is not
+            raise FileNotFoundError(f"no split {name!r} in the emoji dataset at {root} (no {path.name}; its "
+                                    f"splits: {', '.join(splits)})")
         raise FileNotFoundError(f"emoji dataset not found at {root} (no {path.name}); "
                                 f"run `finealign data build emoji --out {root}`")
     return EmojiJsonl(path, skips, allow_outside_root=cfg.allow_outside_root,
