@@ -88,6 +88,18 @@ def test_missing_font_message(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_font_without_colour_emoji_is_refused(tmp_path):
+    """A text font (matplotlib ships DejaVuSans) draws tofu in the default white ink: every image would
+    be blank. Refused naming the font, nothing written."""
+    import matplotlib
+    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    with pytest.raises(ValueError, match=r"DejaVuSans.ttf draws no colour emoji .* NotoColorEmoji.ttf"):
+        E.build_emoji_dataset(tmp_path / "out", font=font, progress=False)
+    assert not list(tmp_path.iterdir())
+    img, why = E.render_emoji("\u2764", E.ImageFont.truetype(str(font), 40), 32)
+    assert (img, why) == (None, "blank")
+
+
 @pytest.fixture(scope="module")
 def small_builds(tmp_path_factory):
     if not Path(E.DEFAULT_FONT).is_file():

@@ -111,6 +111,8 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
     ("objectives.itc.weight=abc", "objectives.itc.weight must be a number, got 'abc'"),
     ("eval.tasks=[retrival]", "eval.tasks: unknown task 'retrival'; did you mean 'retrieval'?"),
     ("model=[1,2]", "model must be a mapping of model.* keys, got [1, 2]"),
+    ("data.num_samples=5", "data.num_samples sizes a procedural source (shapes, shapes-items); "
+                           "data.source=emoji reads its samples from files"),
 ])
 def test_out_of_range_and_mistyped_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -157,3 +159,78 @@ def test_a_dataset_dir_given_as_a_model_is_named_as_one(tmp_path, capsys):
     assert "is not a run, checkpoint, export or Hugging Face CLIPModel directory" in err
     assert "looks like a dataset (pass it with --data" in err
     assert not list_checkpoints(ds)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["retrieve", "RUN", "--query", "a", "--images", "x", "-k", "-1"], "argument -k: must be >= 1, got -1"),
+    (["caption", "RUN", "a.png", "--num", "0"], "argument --num: must be >= 1, got 0"),
+    (["viz", "prototypes", "RUN", "--images", "x", "--top", "two"], "argument --top: expected an integer, got 'two'"),
+    (["data", "shard", "--source", "shapes", "--split", "train", "--out", "x", "--maxcount", "0"],
+     "argument --maxcount: must be >= 1, got 0"),
+])
+def test_numeric_options_are_checked_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_checks_its_port_before_loading_anything(tmp_path, capsys):
+    import socket
+    pytest.importorskip("uvicorn")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # the checkpoint and gallery do not exist: the port is what is reported, first
+        assert main(["serve", str(tmp_path / "none"), "--gallery", str(tmp_path / "g"), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "none"), "--gallery", str(tmp_path / "g"), "--port", "70000"]) == 2
+    assert "--port 70000: must be in 0..65535" in capsys.readouterr().err
+
+
+def test_os_errors_are_one_line_errors(clip_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["export", str(clip_run), str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finealign export: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_data_mistakes_name_the_split_or_the_option(clip_run, tmp_path, capsys):
+    from finealign.data.loader import build_source
+    from finealign.data.skips import SkipLog
+    ds = tmp_path / "emoji"
+    ds.mkdir()
+    for split in ("train", "test"):
+        (ds / f"{split}.jsonl").write_text("")
+    cfg = load_config("clip", [f"data.root={ds}"]).data
+    with pytest.raises(FileNotFoundError, match=r"no split 'validation' in the emoji dataset at .* its splits: "
+                                                r"test, train\)"):
+        build_source(cfg, "validation", SkipLog())
+    with pytest.raises(FileNotFoundError, match="emoji dataset not found at .*; run `finealign data build emoji"):
+        build_source(load_config("clip", [f"data.root={tmp_path / 'nothing'}"]).data, "test", SkipLog())
+    # the run's data are generated (shapes): a dataset root has nothing to say
+    assert main(["eval", str(clip_run), "--data", str(ds), "--task", "retrieval", "--no-progress"]) == 2
+    assert "--data " + str(ds) + ": data.source=shapes is generated in memory" in capsys.readouterr().err
+
+
+def test_maccap_runs_in_the_analysis_verbs(clip_run, tmp_path, capsys):
+    """analyze gap measures a MacCap run's frozen backbone (its embeddings); viz masks / mix, which read
+    the patch-text relevance the backbone was trained with, point to the backbone run."""
+    run = tmp_path / "maccap"
+    assert main(["train", "maccap", f"maccap.backbone={clip_run}", "data.num_samples=32", "data.batch_size=8",
+                 "maccap.adaptor_width=32", "maccap.adaptor_heads=2", "maccap.queries=4", "maccap.copies=3",
+                 "lm.width=32", "lm.layers=1", "lm.heads=2", "train.steps=1", f"train.run_dir={run}",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", "gap", str(run), "--out", str(tmp_path / "gap"), "--max-images", "16",
+                 "--no-progress"]) == 0
+    assert "is a MacCap run: the gap of its frozen backbone" in capsys.readouterr().out
+    mine = json.loads((tmp_path / "gap" / "gap.json").read_text())
+    assert main(["analyze", "gap", str(clip_run), "--out", str(tmp_path / "gap_bb"), "--max-images", "16",
+                 "data.seed=1", "data.num_samples=32", "--no-progress"]) == 0   # the MacCap run's data
+    backbone = json.loads((tmp_path / "gap_bb" / "gap.json").read_text())
+    assert mine["n_pairs"] == backbone["n_pairs"] > 0
+    assert mine["centred_var"] == pytest.approx(backbone["centred_var"])
+    assert main(["viz", "masks", str(run), "--image", "x.png", "--text", "a", "--out", str(tmp_path / "m.png")]) == 2
+    assert "is a MacCap run (a captioner trained over a frozen backbone)" in capsys.readouterr().err

@@ -146,7 +146,20 @@ def render_emoji(char: str, font: ImageFont.FreeTypeFont, size: int = 64) -> tup
     square.paste(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
     white = Image.new("RGBA", (side, side), (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, square).convert("RGB")
+    if all(lo == hi for lo, hi in rgb.getextrema()):       # drawn, but in one flat colour (white ink)
+        return None, "blank"
     return rgb.resize((size, size), Image.LANCZOS), ""
+
+
+def check_colour_font(font: ImageFont.FreeTypeFont, path: Path) -> None:
+    """Refuse a font that draws no colour emoji (a text or monochrome font: every image would be blank
+    or a colourless outline, and captions such as "red heart" / "blue heart" could not be told apart)."""
+    for probe in ("\U0001F600", "\u2764\ufe0f"):                     # grinning face, red heart
+        img, _ = render_emoji(probe, font, 32)
+        if img is not None and img.convert("HSV").getextrema()[1][1] > 40:      # some saturated pixel
+            return
+    raise ValueError(f"{path} draws no colour emoji (the probes render blank or grey): pass a colour emoji font "
+                     f"such as NotoColorEmoji.ttf (apt-get install fonts-noto-color-emoji)")
 
 
 # ----------------------------------------------------------------------------- split and build
@@ -231,6 +244,7 @@ def build_emoji_dataset(out_dir: str | Path, font: str | Path | None = None, siz
     t0 = time.perf_counter()
     font_path = Path(font or DEFAULT_FONT)
     ft = load_font(font_path)
+    check_colour_font(ft, font_path)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
