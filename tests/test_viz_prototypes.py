@@ -87,7 +87,7 @@ class StandIn(nn.Module):
 
 
 def _loaded(model):
-    cfg = SimpleNamespace(model=SimpleNamespace(image_size=S, patch_size=P, prototypes=5))
+    cfg = SimpleNamespace(model=SimpleNamespace(arch="fusion", image_size=S, patch_size=P, prototypes=5))
     return SimpleNamespace(model=model, config=cfg, tokenizer=None)
 
 

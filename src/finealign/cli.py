@@ -250,7 +250,7 @@ def cmd_train(args) -> int:
     run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)   # torchrun: every rank trains
     if D.is_main():
         print(f"run directory: {run_dir}")
-    D.destroy()
+    D.destroy(sync=True)
     return 0
 
 

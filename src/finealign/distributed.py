@@ -89,8 +89,13 @@ def is_main() -> bool:
     return info().rank == 0
 
 
-def destroy() -> None:
+def destroy(sync: bool = False) -> None:
+    """Leave the process group. ``sync`` (after work every rank finished): a barrier first, so no rank
+    tears its group down while another still has a collective in flight (seen once as a gloo abort at
+    the exit of a 2-rank test run on a loaded machine). Not on error paths: a peer may be elsewhere."""
     if dist.is_available() and dist.is_initialized():
+        if sync and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
