@@ -196,6 +196,25 @@ def test_os_errors_are_one_line_errors(clip_run, tmp_path, capsys):
     assert err.startswith("finealign export: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+def test_export_into_a_directory_holding_other_files_is_refused(clip_run, tmp_path, capsys):
+    ds = tmp_path / "dataset"
+    (ds / "images").mkdir(parents=True)
+    (ds / "train.jsonl").write_text("{}\n")
+    for force in ([], ["--force"]):
+        assert main(["export", str(clip_run), str(ds), *force]) == 2
+        assert "holds other files (images, train.jsonl): an export goes into a new or empty" in capsys.readouterr().err
+    assert sorted(p.name for p in ds.iterdir()) == ["images", "train.jsonl"]
+    assert main(["export", str(clip_run), str(tmp_path / "ex")]) == 0
+    assert main(["export", str(clip_run), str(tmp_path / "ex"), "--force"]) == 0     # over an export
+
+
+def test_an_unknown_recipe_names_the_closest_and_the_studies_briefly(capsys):
+    assert main(["train", "cocaa"]) == 2
+    err = capsys.readouterr().err
+    assert "no recipe 'cocaa'; did you mean 'coca'?" in err and "ablations/sycoca/..." in err
+    assert "ablations/sycoca/1-coca" not in err and "`finealign recipes` lists them all" in err
+
+
 def test_data_mistakes_name_the_split_or_the_option(clip_run, tmp_path, capsys):
     from finealign.data.loader import build_source
     from finealign.data.skips import SkipLog

@@ -58,7 +58,10 @@ def find_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
     known = [str(p.relative_to(CONFIG_DIR))[:-5] for p in bundled_recipes()]
     close = difflib.get_close_matches(stem, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"no recipe {name_or_path!r}{hint} (bundled: {', '.join(known)})")
+    top = [k for k in known if "/" not in k]
+    studies = sorted({k.rsplit("/", 1)[0] + "/..." for k in known if "/" in k})
+    raise ConfigError(f"no recipe {name_or_path!r}{hint} (bundled: {', '.join(top + studies)}; "
+                      f"`finealign recipes` lists them all)")
 
 
 def _expand(parts: list[str], value: Any) -> Any:

@@ -67,6 +67,10 @@ def export(src, out_dir: str | Path, overwrite: bool = False) -> Path:
     clash = [f for f in FILES + (MARKER,) if (out / f).exists()]
     if clash and not overwrite:
         raise ExportError(f"{out} already holds an export ({', '.join(clash)}); pass --force to overwrite")
+    others = sorted(p.name for p in out.iterdir() if p.name not in FILES + (MARKER,)) if out.is_dir() else []
+    if others:
+        raise ExportError(f"{out} holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): "
+                          f"an export goes into a new or empty directory (or over an earlier export, with --force)")
     loaded = src if isinstance(src, Loaded) else load(src)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MARKER).exists():              # an interrupted overwrite must not pass as a valid export
