@@ -253,3 +253,25 @@ def test_maccap_runs_in_the_analysis_verbs(clip_run, tmp_path, capsys):
     assert mine["centred_var"] == pytest.approx(backbone["centred_var"])
     assert main(["viz", "masks", str(run), "--image", "x.png", "--text", "a", "--out", str(tmp_path / "m.png")]) == 2
     assert "is a MacCap run (a captioner trained over a frozen backbone)" in capsys.readouterr().err
+
+
+def test_an_interrupted_export_overwrite_is_refused_on_load(clip_run, tmp_path, monkeypatch):
+    """export --force over an earlier export, killed between two files: the directory holds the new
+    weights beside the old config. Loading it must fail, naming the interruption, not read the mix."""
+    import finealign
+    from finealign.interop import export as E
+    out = tmp_path / "ex"
+    assert main(["export", str(clip_run), str(out)]) == 0
+    real = E._write
+
+    def dies_at_config(path, write):
+        if path.name == "config.yaml":
+            raise OSError(28, "No space left on device")
+        real(path, write)
+    monkeypatch.setattr(E, "_write", dies_at_config)
+    assert main(["export", str(clip_run), str(out), "--force"]) == 2
+    monkeypatch.setattr(E, "_write", real)
+    with pytest.raises(E.ExportError, match="the export into it was interrupted .* --force` again"):
+        finealign.load(out)
+    assert main(["export", str(clip_run), str(out), "--force"]) == 0      # and the re-run repairs it
+    assert finealign.load(out).config.model.arch == "coca"

@@ -73,8 +73,9 @@ def export(src, out_dir: str | Path, overwrite: bool = False) -> Path:
                           f"an export goes into a new or empty directory (or over an earlier export, with --force)")
     loaded = src if isinstance(src, Loaded) else load(src)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MARKER).exists():              # an interrupted overwrite must not pass as a valid export
-        (out / MARKER).unlink()
+    # until the final marker replaces it, this one says the files are in flux: an interrupted export (or
+    # overwrite) is refused on load, never read as a hand-made export of mixed old and new files
+    _write(out / MARKER, lambda p: p.write_text(json.dumps({"format": FORMAT, "incomplete": True})))
     weights, aliases = _dedup_state_dict(_unwrap(loaded.model).state_dict())
     meta = {"format": "pt", "finealign_export": str(VERSION), "aliases": json.dumps(aliases)}
     def write_weights(p: Path) -> None:
@@ -107,8 +108,13 @@ def load_export(path: str | Path, device: str | torch.device = "cpu"):
     if (p / MARKER).is_file():
         try:
             marker = json.loads((p / MARKER).read_text())
+            if isinstance(marker, dict) and marker.get("incomplete"):
+                raise ExportError(f"{p}: the export into it was interrupted (files may be mixed); run "
+                                  f"`finealign export CHECKPOINT {p} --force` again")
             files = marker["files"]
         except (ValueError, KeyError, TypeError) as e:
+            if isinstance(e, ExportError):
+                raise
             raise ExportError(f"{p / MARKER} is corrupt: {e}") from None
         if marker.get("format") != FORMAT:
             raise ExportError(f"{p / MARKER}: not a finealign export (format {marker.get('format')!r})")
