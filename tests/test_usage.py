@@ -138,6 +138,14 @@ def test_eval_refuses_a_task_the_model_cannot_run_and_merges_task_results(clip_r
     assert "kept its earlier retrieval results" in capsys.readouterr().out
     both = json.loads(out.read_text())
     assert both["retrieval"] == first["retrieval"] and "classify" in both
+    # a task run again replaces its stored result (here a tampered one); the other is kept; train.seed is
+    # an override eval takes
+    both["retrieval"]["t2i_r1"] = -1.0
+    out.write_text(json.dumps(both))
+    assert main(["eval", str(clip_run), "--task", "retrieval", "train.seed=3", "--no-progress"]) == 0
+    assert "kept its earlier classify results" in capsys.readouterr().out
+    again = json.loads(out.read_text())
+    assert again["retrieval"] == first["retrieval"] and again["classify"] == both["classify"]
     # other data: the earlier results are not mixed in
     assert main(["eval", str(clip_run), "--task", "classify", "eval.max_images=8", "--no-progress"]) == 0
     assert "retrieval" not in json.loads(out.read_text())
@@ -147,6 +155,48 @@ def test_eval_refuses_a_task_the_model_cannot_run_and_merges_task_results(clip_r
     target = tmp_path / "new" / "sub" / "res.json"
     assert main(["eval", str(clip_run), "--task", "classify", "--out", str(target), "--no-progress"]) == 0
     assert "classify" in json.loads(target.read_text())
+
+
+def test_merging_keeps_the_caption_samples_with_a_kept_caption_result(tmp_path):
+    from finealign.cli_infer import _merge_earlier
+    on = {"split": "test", "source": "shapes", "root": "", "max_images": 0}
+    out = tmp_path / "eval_test.json"
+    out.write_text(json.dumps({"caption": {"cider": 1.5}, "samples": [{"key": "a"}], "retrieval": {"t2i_r1": 1.0},
+                               "evaluated_on": on}))
+    res = {"retrieval": {"t2i_r1": 2.0}, "evaluated_on": on}
+    assert _merge_earlier(out, res) == ["caption"]
+    assert res == {"retrieval": {"t2i_r1": 2.0}, "caption": {"cider": 1.5}, "samples": [{"key": "a"}],
+                   "evaluated_on": on}
+    fresh = {"caption": {"cider": 3.0}, "samples": [{"key": "b"}], "evaluated_on": on}
+    assert _merge_earlier(out, fresh) == ["retrieval"] and fresh["samples"] == [{"key": "b"}]
+
+
+def test_resume_edge_cases(tmp_path, capsys, monkeypatch):
+    """A run without config.yaml resumes from its checkpoint's config; tokenizer.* and the optimizer's
+    other restored keys are refused like model.*; a resume whose checkpoints all fail to load leaves
+    config.yaml as it was; `--resume latest` needs train.run_dir; a run dir that is a file is refused."""
+    run = train(tmp_path, "run")
+    (run / "config.yaml").unlink()
+    assert main(["train", "--resume", str(run), "train.steps=3", "--no-progress"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["data"]["source"], saved["data"]["batch_size"], saved["train"]["steps"]) == ("shapes", 8, 3)
+    capsys.readouterr()
+    for key, value in [("tokenizer.vocab_size", "999"), ("train.weight_decay", "0.5"), ("train.beta2", "0.9")]:
+        assert main(["train", "--resume", str(run), "train.steps=4", f"{key}={value}", "--no-progress"]) == 2
+        assert f"{key} (" in capsys.readouterr().err
+    config = (run / "config.yaml").read_bytes()
+    for state in run.glob("checkpoints/step_*/state.pt"):
+        state.write_bytes(b"not a checkpoint")
+    assert main(["train", "--resume", str(run), "train.steps=5", "--no-progress"]) == 2
+    assert (run / "config.yaml").read_bytes() == config
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "clip", "--resume", "latest", "--no-progress"]) == 2
+    assert "--resume latest needs train.run_dir=DIR" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "afile").write_text("")
+    assert main(["train", "clip", *TINY, "train.run_dir=afile"]) == 2
+    assert "train.run_dir=afile is a file, not a directory" in capsys.readouterr().err
 
 
 def test_a_dataset_dir_given_as_a_model_is_named_as_one(tmp_path, capsys):
@@ -184,8 +234,9 @@ def test_serve_checks_its_port_before_loading_anything(tmp_path, capsys):
         # the checkpoint and gallery do not exist: the port is what is reported, first
         assert main(["serve", str(tmp_path / "none"), "--gallery", str(tmp_path / "g"), "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path / "none"), "--gallery", str(tmp_path / "g"), "--port", "70000"]) == 2
-    assert "--port 70000: must be in 0..65535" in capsys.readouterr().err
+    for bad in ("70000", "-1"):
+        assert main(["serve", str(tmp_path / "none"), "--gallery", str(tmp_path / "g"), "--port", bad]) == 2
+        assert f"--port {bad}: must be in 0..65535" in capsys.readouterr().err
 
 
 def test_os_errors_are_one_line_errors(clip_run, tmp_path, capsys):

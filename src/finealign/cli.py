@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--gallery", required=True, help="directory of images to search")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_at_least(0), default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--cache", default=None, help="embedding cache dir (default: ~/.cache/finealign/serve)")
     p.add_argument("--max-upload-mb", type=_at_least(0.001, float), default=8.0, help="upload size limit in MiB (default: 8)")
 
