@@ -225,3 +225,135 @@ def test_rng_round_trip(tmp_path):
     load_checkpoint(tmp_path, restore_rng=True)
     got = (torch.rand(4), random.random(), np.random.randn(2))
     assert torch.equal(expected[0], got[0]) and expected[1] == got[1] and np.array_equal(expected[2], got[2])
+
+
+def test_keep_zero_keeps_all(tmp_path):
+    """``keep <= 0`` keeps every checkpoint (nothing pruned), the newest is still `latest`."""
+    model, _, _ = _make()
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, model, CONFIG, keep=0)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_0000000{s}" for s in (1, 2, 3, 4)]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def test_fallback_is_the_newest_valid_checkpoint(tmp_path, caplog):
+    """`latest` (step 3) is corrupt: the fallback is step 2, the newest valid one, not the oldest."""
+    model, _, _ = _make()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, CONFIG, keep=0)
+    _truncate(tmp_path / "checkpoints" / "step_00000003" / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="finealign.train.checkpoint"):
+        found = find_checkpoint(tmp_path)
+    assert found == tmp_path / "checkpoints" / "step_00000002"
+    assert f"falling back to checkpoint {found}" in caplog.text
+
+
+def test_latest_file_is_followed(tmp_path):
+    """``checkpoints/latest`` decides, not the highest step: it may name an older valid checkpoint."""
+    model, _, _ = _make()
+    save_checkpoint(tmp_path, 1, model, CONFIG)
+    save_checkpoint(tmp_path, 2, model, CONFIG)
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_00000002"
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000001\n")
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_00000001"
+    assert load_checkpoint(tmp_path)["step"] == 1
+
+
+def test_load_without_restore_rng_leaves_global_rng_alone(tmp_path):
+    """The default ``restore_rng=False`` must not reset torch / Python / numpy RNGs to the saved state."""
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    save_checkpoint(tmp_path, 1, Net(), CONFIG)              # saves the RNG state after Net()'s init
+
+    def draws():
+        return torch.rand(4), random.random(), np.random.rand(3)
+
+    def seed_all():
+        torch.manual_seed(77)
+        random.seed(77)
+        np.random.seed(77)
+
+    seed_all()
+    expected = draws()
+    seed_all()
+    load_checkpoint(tmp_path)
+    got = draws()
+    assert torch.equal(expected[0], got[0]) and expected[1] == got[1] and np.array_equal(expected[2], got[2])
+
+
+def test_write_error_names_the_newest_previous_checkpoint(tmp_path, monkeypatch):
+    model, _, _ = _make()
+    save_checkpoint(tmp_path, 1, model, CONFIG)
+    save_checkpoint(tmp_path, 2, model, CONFIG)
+
+    def boom(*a, **k):
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(CheckpointWriteError) as ei:
+        save_checkpoint(tmp_path, 3, model, CONFIG)
+    monkeypatch.undo()
+    msg = str(ei.value)
+    assert f"could not write checkpoint {tmp_path / 'checkpoints' / 'step_00000003'}: simulated crash" in msg
+    assert f"({tmp_path / 'checkpoints' / 'step_00000002'}) is intact" in msg
+    assert "step_00000001" not in msg
+    assert find_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_file_missing_from_meta_is_not_trusted(tmp_path, caplog):
+    """A meta.json that does not list a file (its hash cannot be checked) makes the checkpoint invalid."""
+    import json
+    model, _, _ = _make()
+    save_checkpoint(tmp_path, 1, model, CONFIG)
+    newest = save_checkpoint(tmp_path, 2, model, CONFIG)
+    meta = json.loads((newest / "meta.json").read_text())
+    del meta["files"]["state.pt"]
+    (newest / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="finealign.train.checkpoint"):
+        assert find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_00000001"
+    assert f"{newest / 'state.pt'} is not listed in {newest / 'meta.json'}" in caplog.text
+    with pytest.raises(CheckpointError, match="state.pt is not listed in"):
+        find_checkpoint(tmp_path, 2)
+
+
+def test_failed_latest_write_drops_the_new_checkpoint(tmp_path, monkeypatch):
+    """If `latest` cannot be replaced, the new (complete) step dir is removed so that `latest` and the
+    newest step dir agree; the previous checkpoint stays `latest`."""
+    from finealign.train import checkpoint as ckpt_mod
+    model, _, _ = _make()
+    save_checkpoint(tmp_path, 1, model, CONFIG)
+
+    def boom(path, text):
+        raise OSError("cannot write latest")
+
+    monkeypatch.setattr(ckpt_mod, "_write_text_atomic", boom)
+    with pytest.raises(CheckpointWriteError, match=r"step_00000002: cannot write latest.*step_00000001\) is intact"):
+        save_checkpoint(tmp_path, 2, model, CONFIG)
+    monkeypatch.undo()
+    assert not (tmp_path / "checkpoints" / "step_00000002").exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_00000001"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert find_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_resave_same_step_replaces_it(tmp_path):
+    """Saving a step that already exists replaces it: the second save succeeds, verifies, holds the new
+    weights, and leaves no temporary / old dirs behind."""
+    model, opt, _ = _make()
+    first = save_checkpoint(tmp_path, 2, model, CONFIG)
+    _train(model, opt)                                       # different weights now
+    second = save_checkpoint(tmp_path, 2, model, CONFIG, extra={"again": 1})
+    assert second == first
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_00000002"]
+    assert find_checkpoint(tmp_path, 2) == second            # verified (sha256 of every file)
+    model2 = Net()
+    out = load_checkpoint(tmp_path, model2)
+    assert out["step"] == 2 and out["extra"] == {"again": 1}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model2.state_dict()[k]), k

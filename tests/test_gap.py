@@ -131,3 +131,87 @@ def test_cli_analyze_gap_end_to_end(tmp_path, capsys):
     assert main(["analyze", "gap", str(run), "--out", str(other), "--no-progress", "data.num_samples=8"]) == 0
     assert json.loads((other / "gap.json").read_text())["n_pairs"] <= 8
     assert main(["analyze", "gap", str(run), "--no-progress", "model.embed_dim=8"]) == 2
+
+
+def test_gap_statistics_skewness_kurtosis_hand_made():
+    """E = 1, d = i - t = (0, 0, 3): μ = 1, c = (-1, -1, 2), m2 = 2, m3 = 2, m4 = 6, so
+    skewness = m3 / m2^1.5 = 1/√2 and excess kurtosis = m4 / m2² - 3 = -1.5."""
+    image = torch.tensor([[1.0], [2.0], [5.0]])
+    text = torch.tensor([[1.0], [2.0], [2.0]])
+    st = gap_statistics(image, text)
+    assert st["per_dim_mean"] == pytest.approx([1.0])
+    assert st["centred_var"] == pytest.approx(2.0)
+    assert st["skewness"] == pytest.approx(1 / math.sqrt(2))
+    assert st["excess_kurtosis"] == pytest.approx(-1.5)
+
+
+def test_gap_statistics_skewness_of_scaled_exponential():
+    """Differences 3 · Exp(1) (variance 9): skewness 2 and excess kurtosis 6 whatever the scale."""
+    M, E = 20000, 4
+    g = torch.Generator().manual_seed(2)
+    text = torch.randn(M, E, generator=g, dtype=torch.float64)
+    d = 3.0 * torch.empty(M, E, dtype=torch.float64).exponential_(1.0, generator=g)
+    st = gap_statistics(text + d, text)
+    assert st["centred_var"] == pytest.approx(9.0, rel=0.05)
+    assert st["skewness"] == pytest.approx(2.0, abs=0.15)
+    assert st["excess_kurtosis"] == pytest.approx(6.0, abs=1.5)
+
+
+def test_run_gap_analysis_pairs_first_caption_and_restores_train_mode(tmp_path, monkeypatch):
+    """Each image is paired with its first non-empty caption (images with none are left out), and a model
+    given in train mode is back in train mode afterwards (the analysis itself runs in eval mode)."""
+    from PIL import Image
+
+    from finealign.analysis.gap import run_gap_analysis
+    from finealign.api import Loaded
+    from finealign.data import loader
+    from finealign.data.tokenizer import Tokenizer
+    from finealign.data.transforms import ImageTransform
+    from finealign.types import Sample
+
+    colours = [(220, 40, 40), (40, 170, 60), (40, 90, 235), (245, 215, 30), (150, 60, 200)]
+    captions = [["a red circle", "a big blue star at the bottom"],
+                ["   ", "a green square", "a yellow cross on the left"],     # first non-empty: the 2nd
+                ["a blue star", "two purple triangles"],
+                ["  ", ""],                                                  # no caption: left out
+                ["a purple cross", "an orange circle in the top right"]]
+    pil = [Image.new("RGB", (40, 40), c) for c in colours]
+    samples = [Sample(key=f"img{i}", load_image=(lambda im=im: im), captions=caps, image_id=i)
+               for i, (im, caps) in enumerate(zip(pil, captions))]
+    monkeypatch.setattr(loader, "build_source", lambda cfg, split, skips: list(samples))
+
+    torch.manual_seed(0)
+    cfg = load_config("clip", TINY + ["data.source=shapes", "data.eval_batch_size=2", "data.workers=0"])
+    tok = Tokenizer.train([c for caps in captions for c in caps if c.strip()], 300)
+    model = build_model(cfg.model, tok.vocab_size).train()
+    seen_modes = []
+    orig_encode_text = model.encode_text
+
+    def encode_text(*a, **k):
+        seen_modes.append(model.training)
+        return orig_encode_text(*a, **k)
+
+    monkeypatch.setattr(model, "encode_text", encode_text)
+    loaded = Loaded(model, tok, cfg, tmp_path / "run" / "checkpoints" / "step_00000001")
+    res = run_gap_analysis(loaded, out_dir=tmp_path / "gap", progress=False, k=2)
+    assert seen_modes and not any(seen_modes)                # embedded in eval mode
+    assert model.training and all(m.training for m in model.modules())    # train mode restored
+    assert res["n_pairs"] == 4
+
+    # the same statistic recomputed by hand from the first non-empty captions (eval mode)
+    kept = [0, 1, 2, 4]
+    model.eval()
+    tf = ImageTransform(cfg.model.image_size, train=False)
+    images = torch.stack([tf(pil[i]) for i in kept])
+
+    def pair_cos(caps):
+        ids, mask = tok.encode_batch(caps, cfg.model.context_length)
+        with torch.no_grad():
+            i = F.normalize(model.encode_image(images, memory=False)["embed"].double(), dim=-1)
+            t = F.normalize(orig_encode_text(ids, mask)["embed"].double(), dim=-1)
+        return float((i * t).sum(-1).mean())
+
+    first = pair_cos(["a red circle", "a green square", "a blue star", "a purple cross"])
+    last = pair_cos([captions[i][-1] for i in kept])
+    assert abs(first - last) > 1e-3                          # the choice of caption is visible here
+    assert res["pair_cos_mean"] == pytest.approx(first, abs=1e-5)
