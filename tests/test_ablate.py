@@ -8,7 +8,7 @@ import yaml
 
 import finealign.train.loop as loop
 from finealign.ablate import (AblationInterrupted, add_ablate_parser, cmd_ablate, discover_recipes, study_vary,
-                              format_table, recipe_description, run_ablation)
+                              format_table, recipe_description, run_ablation, summarize)
 
 # shrunken model + tiny shapes data: each run trains 2 steps and evaluates 16 images in a few seconds
 COMMON = """data: {source: shapes, num_samples: 64, batch_size: 16}
@@ -99,6 +99,10 @@ def test_resume_does_not_retrain(study, monkeypatch):
 def test_interrupted_run_continues_from_its_checkpoint(study):
     recipes, out, _ = study
     (out / "a_clip" / "seed1" / "eval_test.json").unlink()      # as if killed between training and eval
+    # its checkpoint is reused, so its config is checked too (seed 1 only: seed 0 has its results)
+    with pytest.raises(ValueError, match=r"a_clip.seed1 was run with a different config \(train\.lr"):
+        run_ablation(recipes, seeds=[1], out_dir=out, progress=False, overrides=["train.lr=0.123"])
+    assert not (out / "a_clip" / "seed1" / "eval_test.json").exists()
     again = run_ablation(recipes, seeds=2, out_dir=out, progress=False)
     assert [r["reused"] for r in again["runs"]] == [True, False, True, True]
     assert per_run(out, "a_clip", 1)["timing"]["resumed_from_checkpoint"] is True
@@ -118,6 +122,13 @@ def test_stopped_training_raises_and_the_rerun_finishes_it(tmp_path, monkeypatch
     steps = [json.loads(l)["step"] for l in (tmp_path / "out" / "a" / "seed0" / "metrics.jsonl").read_text()
              .splitlines()]
     assert steps == [1, 2]
+    # --no-resume: retrained from scratch, the old checkpoints and metrics replaced
+    res = run_ablation(tmp_path, seeds=1, out_dir=tmp_path / "out", progress=False, resume=False)
+    assert [r["reused"] for r in res["runs"]] == [False]
+    run = tmp_path / "out" / "a" / "seed0"
+    assert per_run(tmp_path / "out", "a", 0)["timing"]["resumed_from_checkpoint"] is False
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_resume_refuses_a_run_dir_with_another_config(study):
@@ -179,6 +190,26 @@ def test_discover_recipes_from_a_directory_or_a_list(tmp_path):
     assert bundled[0] == "1-coca" and "8-sycoca-narrow" in bundled
 
 
+def test_seeds_must_be_distinct(study, tmp_path, monkeypatch):
+    recipes, _, _ = study
+    monkeypatch.setattr(loop, "Trainer", lambda *a, **k: pytest.fail("trained before checking"))
+    for seeds in ([1, 1], []):
+        with pytest.raises(ValueError, match="a positive count or a list of distinct seeds"):
+            run_ablation(recipes, seeds=seeds, out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_summarize_on_hand_runs_skips_non_finite_values():
+    runs = [{"recipe": "r", "seed": 0, "results": {"retrieval": {"t2i_r1": float("nan"), "i2t_r1": 4.0}}},
+            {"recipe": "r", "seed": 1, "results": {"retrieval": {"t2i_r1": 10.0, "i2t_r1": float("inf")}}},
+            {"recipe": "s", "seed": 0, "results": {"retrieval": {"t2i_r1": float("nan")}, "classify": {}}}]
+    r, s = summarize(runs)
+    assert (r["recipe"], r["seeds"], s["recipe"], s["seeds"]) == ("r", [0, 1], "s", [0])
+    assert r["metrics"]["t2i_r1"] == {"mean": 10.0, "std": 0.0, "n": 1, "values": [10.0]}
+    assert r["metrics"]["i2t_r1"] == {"mean": 4.0, "std": 0.0, "n": 1, "values": [4.0]}
+    assert s["metrics"]["t2i_r1"] is None and s["metrics"]["top1"] is None      # no finite value: "–"
+
+
 def test_format_table_on_hand_rows():
     rows = [{"recipe": "coca", "metrics": {"t2i_r1": {"mean": 12.34, "std": 0.44}, "cider": {"mean": 50.0,
                                                                                            "std": 0.0}}},
@@ -213,6 +244,9 @@ def test_cli_with_a_recipe_list_seed_list_and_captioning(tmp_path, capsys):
     assert cells[5] == f"{res['caption']['bleu4']:.1f} ± 0.0"
     data = json.loads((out / "results.json").read_text())
     assert data["seeds"] == [7] and "--seed-list 7" in data["command"]
+    # the generated captions stay in the run's eval_test.json, out of results.json
+    assert res["samples"] and "samples" not in data["runs"][0]["results"]
+    assert data["runs"][0]["results"]["caption"] == res["caption"]
     assert "eval.max_new_tokens=5" in data["command"]
     with pytest.raises(SystemExit):                                 # --seeds and --seed-list exclude
         sub._name_parser_map["ablate"].parse_args(["x", "--seeds", "2", "--seed-list", "1"])

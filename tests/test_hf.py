@@ -3,6 +3,7 @@ export -> load round trips, and clear errors for bad paths. Nothing is downloade
 from __future__ import annotations
 
 import importlib.resources
+import json
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from finealign.interop.export import ExportError  # noqa: E402
 from finealign.interop.hf_clip import HFConversionError  # noqa: E402
 from finealign.interop.hf_text import fix_tokenizer  # noqa: E402
 from finealign.models.factory import build_model  # noqa: E402
-from finealign.train.checkpoint import save_checkpoint  # noqa: E402
+from finealign.train.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 
 TEXTS = ["a red cat", "A dog!", "red red dog cat", "cat"]
 # smaller than the tiny preset: building (random init) dominates these tests
@@ -161,6 +162,22 @@ def _tiny_checkpoint(tmp_path: Path, recipe: str = "clip") -> Path:
     return save_checkpoint(tmp_path / "run", 5, model, cfg, extra={"tokenizer_json": tok.to_str()})
 
 
+def test_load_which_checkpoint_and_one_without_tokenizer(tmp_path):
+    tok = Tokenizer.train(["a red circle", "a blue square", "two green triangles"] * 3, vocab_size=300)
+    cfg = load_config("clip", SMALL + ["model.text_pool=eos"])
+    model = build_model(cfg.model, tok.vocab_size, full=cfg, tokenizer=tok)
+    extra = {"tokenizer_json": tok.to_str()}
+    first = save_checkpoint(tmp_path / "run", 1, model, cfg, extra=extra)
+    last = save_checkpoint(tmp_path / "run", 5, model, cfg, extra=extra)
+    assert (first.name, last.name) == ("step_00000001", "step_00000005")
+    assert finealign.load(tmp_path / "run").path == last
+    assert finealign.load(tmp_path / "run", which=1).path == first
+    assert finealign.from_pretrained(tmp_path / "run", which="step_00000001").path == first
+    save_checkpoint(tmp_path / "no-tok", 1, model, cfg)
+    with pytest.raises(CheckpointError, match="step_00000001: checkpoint carries no tokenizer"):
+        finealign.load(tmp_path / "no-tok")
+
+
 def _same_outputs(a, b, image_size: int):
     images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(3))
     ids, mask = a.tokenizer.encode_batch(["a red circle", "two squares"], a.config.model.context_length)
@@ -193,6 +210,17 @@ def test_export_of_hf_clip_and_of_hf_text_tower(tmp_path):
     a = finealign.load(tmp_path / "clip")
     b = finealign.load(a.save_pretrained(tmp_path / "clip-export"))
     _same_outputs(a, b, 16)
+    # the same CLIP without its tokenizer, exported over that export: no stale tokenizer.json is left
+    (tmp_path / "clip" / "tokenizer.json").unlink()
+    images_only = finealign.load(tmp_path / "clip")
+    assert images_only.tokenizer is None
+    assert images_only.save_pretrained(tmp_path / "clip-export", overwrite=True) == tmp_path / "clip-export"
+    assert not (tmp_path / "clip-export" / "tokenizer.json").exists()
+    c = finealign.load(tmp_path / "clip-export")
+    assert c.tokenizer is None
+    img = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(c.model.encode_image(img)["embed"], a.model.encode_image(img)["embed"])
 
     cfg = load_config("clip", SMALL + ["model.text_tower=hf", f"model.text_path={_minilm_dir()}",
                                        "model.text_pool=mean"])
@@ -219,10 +247,29 @@ def test_bad_paths_give_clear_errors(tmp_path):
     (clip / "model.safetensors").unlink()
     with pytest.raises(HFConversionError, match="no weights"):
         finealign.load(clip)
+    raw = json.loads((clip / "config.json").read_text())
+    for key, value, error in [
+            ("layer_norm_eps", 1e-6, r"text_config\.layer_norm_eps 1e-06 is not supported \(only 1e-5\)"),
+            ("vocab_size", 40, r"tokenizer\.json has \d+ tokens, more than the model's vocab_size 40")]:
+        (clip / "config.json").write_text(json.dumps({**raw, "text_config": {**raw["text_config"], key: value}}))
+        with pytest.raises(HFConversionError, match=error):
+            finealign.load(clip)
     with pytest.raises(FileNotFoundError, match="is not a run, checkpoint, export .* it holds bert, clip"):
         finealign.load(tmp_path / "bert" / "..")
     ck = _tiny_checkpoint(tmp_path)
     out = finealign.load(ck).save_pretrained(tmp_path / "export")
+    marker = json.loads((out / "export.json").read_text())
+    assert sorted(marker["files"]) == ["config.yaml", "model.safetensors", "tokenizer.json"]
+    tok = (out / "tokenizer.json").read_bytes()
+    (out / "tokenizer.json").write_bytes(b" " + tok)              # still valid JSON: only the hash tells
+    with pytest.raises(ExportError, match="tokenizer.json is corrupt"):
+        finealign.load(out)
+    (out / "tokenizer.json").write_bytes(tok)
+    (out / "export.json").write_text(json.dumps({**marker, "format": "other"}))
+    with pytest.raises(ExportError, match=r"not a finealign export \(format 'other'\)"):
+        finealign.load(out)
+    (out / "export.json").write_text(json.dumps(marker))
+    finealign.load(out)                                          # restored: loads again
     data = bytearray((out / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (out / "model.safetensors").write_bytes(bytes(data))
