@@ -3,6 +3,7 @@ two runs side by side, an ablation study, a run without checkpoints, and the err
 import base64
 import io
 import json
+import os
 import shutil
 from html.parser import HTMLParser
 
@@ -128,6 +129,13 @@ def test_single_run_report_has_curves_evals_captions_masks(sycoca_report):
     res = json.loads((run / "eval_test.json").read_text())
     ev = page.sections["evaluation"]
     assert "eval_test.json" in ev and fmt(res["retrieval"]["t2i_r1"]) in ev
+    # bookkeeping blocks of the results (skip counts, timing) are not shown as metric tables
+    assert "timing" in res and "skipped" in res
+    classes = [a.get("class", "") for t, a in page.tags if t == "table"]
+    assert "eval eval-retrieval" in classes and "eval eval-timing" not in classes
+    assert "eval eval-skipped" not in classes and "wall_s" not in ev
+    # the run section names the checkpoint the views come from
+    assert "step_00000003" in page.sections["run"]
     caps = [a for t, a in page.tags if t == "figure"]
     assert len(caps) == 5
     assert page.sections["caption-samples"].count("generated:") == 5
@@ -167,11 +175,26 @@ def test_retrieval_grid_outlines_the_correct_image(sycoca_report):
 
 
 def test_two_runs_side_by_side(study, tmp_path):
-    a, b = run_dir(study, "a_sycoca"), run_dir(study, "b_timix")
+    # a: given by its checkpoint directory (the report maps it to its run); b: a copy with a newer eval file
+    # whose name sorts before eval_test.json, and an older checkpoint beside the newest
+    a = run_dir(study, "a_sycoca") / "checkpoints" / "step_00000003"
+    b = tmp_path / "b_timix" / "seed0"
+    shutil.copytree(run_dir(study, "b_timix"), b)
+    shutil.copytree(b / "checkpoints" / "step_00000003", b / "checkpoints" / "step_00000001")
+    newer = {"retrieval": {"t2i_r1": 87.4321},
+             "evaluated_on": {"split": "test", "source": "shapes", "root": None, "max_images": 16}}
+    (b / "eval_a.json").write_text(json.dumps(newer))
+    t = (b / "eval_test.json").stat().st_mtime
+    os.utime(b / "eval_a.json", (t + 10, t + 10))
     page = parse(build_report([a, b], tmp_path / "two.html", num=2, progress=False))
     assert page.runs == ["a_sycoca/seed0", "b_timix/seed0"]
     cmp = page.sections["runs-compared"]
     assert "a_sycoca/seed0" in cmp and "b_timix/seed0" in cmp and "retrieval/t2i_r1" in cmp
+    assert fmt(87.4321) in cmp and "evaluated_on" not in cmp        # b's newest evaluation is compared
+    ev = page.sections["evaluation"]
+    assert "eval_a.json" in ev and "eval_test.json" in ev and "evaluated_on" not in ev
+    about = page.sections["run"]
+    assert about.count("step_00000003") == 2 and "step_00000001" not in about      # each run's newest
     compared = [x for x in page.imgs if x["alt"].startswith("training curves of")]
     assert compared and "a_sycoca/seed0" in compared[0]["alt"]
     assert any(x["alt"].startswith("timix mixed samples") for x in page.imgs)
@@ -192,6 +215,9 @@ def test_ablation_directory_renders_table_and_bars(study, tmp_path):
     assert f"{cell['mean']:.1f} ± {cell['std']:.1f}" in text
     assert any(x["alt"].startswith("ablation metrics") for x in page.imgs)
     assert "runs-of-study-compared" in page.sections
+    # the member runs' curves are compared, but no second metrics table (the ablation table has them)
+    assert "retrieval/t2i_r1" not in page.sections["runs-of-study-compared"]
+    assert not [a for t, a in page.tags if t == "table" and a.get("class") == "compare"]
     assert [a["alt"] for a in page.imgs if a["alt"].startswith("training curves of")] == [
         "training curves of a_sycoca/seed0, b_timix/seed0"]
 
@@ -251,3 +277,8 @@ def test_not_a_run_dir_is_a_clear_error(study, tmp_path, capsys):
     assert not (tmp_path / "x.html").exists()                        # checked before any work
     assert main(["report", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert "missing: no such directory" in capsys.readouterr().err
+    # the page is HTML: another --out suffix is refused before anything is written
+    out = tmp_path / "r.pdf"
+    assert main(["report", str(run_dir(study, "a_sycoca")), "--out", str(out), "--no-progress"]) == 2
+    assert "r.pdf: the report is an HTML file (give --out NAME.html)" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "r_files").exists()

@@ -16,6 +16,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from finealign.cli import main  # noqa: E402
 from finealign.serve import build  # noqa: E402
+from finealign.serve.app import MAX_TEXT  # noqa: E402
+from finealign.serve.gallery import list_images  # noqa: E402
 
 N = 8
 
@@ -89,11 +91,12 @@ def test_search_returns_the_right_image(served):
 
 def test_caption_and_closest_captions(served):
     client, caps, gal = served["client"], served["captions"], served["root"] / "gallery"
-    own = 0
+    own, first = 0, None
     for i in range(N):
         r = client.post("/api/caption", files={"file": ("x.png", png_bytes(gal / f"{i:02d}.png"), "image/png")})
         assert r.status_code == 200, r.text
         out = r.json()
+        first = first or out
         assert out["captioner"] == "decoder" and len(out["captions"]) == 1 and out["captions"][0].strip()
         assert out["closest_source"] == "gallery: captions.jsonl" and len(out["closest"]) == 5
         own += out["closest"][0]["caption"] == caps[i]
@@ -101,6 +104,21 @@ def test_caption_and_closest_captions(served):
         own_words = caps[i].split()
         assert out["captions"][0].split()[:3] == own_words[:3], (out["captions"], caps[i])
     assert own >= N - 1
+    # the form field k sets how many closest captions come back: the top 2 of the default 5
+    r = client.post("/api/caption", files={"file": ("x.png", png_bytes(gal / "00.png"), "image/png")},
+                    data={"k": "2"})
+    assert r.status_code == 200, r.text
+    assert [c["caption"] for c in r.json()["closest"]] == [c["caption"] for c in first["closest"][:2]]
+
+
+def test_info_describes_the_model_and_the_gallery(served):
+    info = served["client"].get("/api/info").json()
+    assert info["captioner"] == "decoder" and info["max_upload_bytes"] == 8 * 1024 * 1024   # the 8 MB default
+    g = info["gallery"]
+    assert g["images"] == N and g["skipped"] == [] and g["captions"] == len(set(served["captions"]))
+    assert g["captions_source"] == "gallery: captions.jsonl" and g["from_cache"] is False
+    assert g["root"] == str((served["root"] / "gallery").resolve())
+    assert g["cache_file"] == str(served["gallery"].cache_file)
 
 
 def test_relevance_map(served):
@@ -138,8 +156,24 @@ def test_bad_uploads_and_queries_get_4xx_with_a_message(served, tmp_path):
     assert r.status_code == 400 and r.json()["detail"] == "text is empty"
     r = client.get("/api/search", params={"q": " "})
     assert r.status_code == 400 and r.json()["detail"] == "query is empty"
+    # texts are limited to MAX_TEXT characters (the limit itself is accepted)
+    assert client.get("/api/search", params={"q": "x" * MAX_TEXT}).status_code == 200
+    r = client.get("/api/search", params={"q": "x" * (MAX_TEXT + 1)})
+    assert r.status_code == 400
+    assert r.json()["detail"] == f"query is {MAX_TEXT + 1} characters long; the limit is {MAX_TEXT}"
+    r = post("x.png", good, path="/api/relevance", text="y" * (MAX_TEXT + 1))
+    assert r.status_code == 400 and f"the limit is {MAX_TEXT}" in r.json()["detail"]
+    # k is 1..100
+    r = client.get("/api/search", params={"q": "a red circle", "k": 100})
+    assert r.status_code == 200 and len(r.json()["results"]) == N
+    for k in (0, 101):
+        assert client.get("/api/search", params={"q": "a red circle", "k": k}).status_code == 422
     r = client.get("/api/gallery/99")
     assert r.status_code == 404 and "no gallery image 99" in r.json()["detail"]
+    r = client.get("/api/gallery/-1")                     # not Python's "last item"
+    assert r.status_code == 404 and "no gallery image -1" in r.json()["detail"]
+    r = client.get(f"/api/gallery/{N}")
+    assert r.status_code == 404 and client.get(f"/api/gallery/{N - 1}").status_code == 200
     r = client.get("/api/gallery/..%2F..%2Fetc%2Fpasswd")
     assert r.status_code in (404, 422)
     # the size limit is a flag (--max-upload-mb): 2 KiB here, the PNG is bigger
@@ -149,6 +183,15 @@ def test_bad_uploads_and_queries_get_4xx_with_a_message(served, tmp_path):
     app, _ = build(served["run"], served["root"] / "gallery", cache=served["root"] / "cache", max_upload_mb=2 / 1024)
     r = TestClient(app).post("/api/caption", files={"file": ("big.png", buf.getvalue(), "image/png")})
     assert r.status_code == 413 and "over the size limit of 2048 bytes" in r.json()["detail"]
+    # an upload of exactly the limit is accepted, one byte more is not
+    app, _ = build(served["run"], served["root"] / "gallery", cache=served["root"] / "cache",
+                   max_upload_mb=len(good) / 2**20)                              # exact: a power of 2
+    exact = TestClient(app)
+    assert exact.get("/api/info").json()["max_upload_bytes"] == len(good)
+    r = exact.post("/api/caption", files={"file": ("exact.png", good, "image/png")})
+    assert r.status_code == 200, r.text
+    r = exact.post("/api/caption", files={"file": ("over.png", good + b"\0", "image/png")})
+    assert r.status_code == 413 and f"size limit of {len(good)} bytes" in r.json()["detail"]
 
 
 def test_openapi_schema_lists_the_api(served):
@@ -182,6 +225,25 @@ def test_gallery_cache_is_reused_and_invalidated(served):
     assert [s[0] for s in grown.skipped] == ["98_broken.png"] and "cannot read image" in grown.skipped[0][1]
     _, cached = build(served["run"], root / "gallery", cache=root / "cache")
     assert cached.from_cache and cached.skipped == grown.skipped
+    # images under a hidden directory are not part of the gallery: the cache stays valid
+    (root / "gallery" / ".thumbs").mkdir()
+    Image.new("RGB", (64, 64), (40, 40, 220)).save(root / "gallery" / ".thumbs" / "00.png")
+    _, hidden = build(served["run"], root / "gallery", cache=root / "cache")
+    assert hidden.from_cache and hidden.names == grown.names
+    # rewritten captions.jsonl: embedded again, with the new caption candidates
+    caps = [c + ", drawn again" for c in served["captions"]]
+    (root / "gallery" / "captions.jsonl").write_text(
+        "".join(json.dumps({"image": f"{i:02d}.png", "caption": c}) + "\n" for i, c in enumerate(caps)))
+    _, recap = build(served["run"], root / "gallery", cache=root / "cache")
+    assert not recap.from_cache and recap.cache_file != cached.cache_file
+    assert recap.captions == list(dict.fromkeys(caps)) and recap.caption_embeds.shape[0] == len(recap.captions)
+
+
+def test_gallery_lists_images_but_not_hidden_files(tmp_path):
+    for rel in ("b.png", "sub/a.JPG", ".thumbs/x.png", "sub/.cache/y.png", ".hidden.png", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["b.png", "sub/a.JPG"]
 
 
 def test_clip_has_no_captioner_and_falls_back_to_the_training_captions(tmp_path):
@@ -220,7 +282,11 @@ def test_maccap_checkpoint_serves_zero_shot_captions(tmp_path):
                                    "lm.layers=1", "lm.heads=2", "maccap.samples=2", "eval.max_new_tokens=4"]),
             progress=False).train()
     write_gallery(bb, tmp_path / "gallery")
-    app, _ = build(run, tmp_path / "gallery", cache=tmp_path / "cache")
+    app, g = build(run, tmp_path / "gallery", cache=tmp_path / "cache")
+    # another checkpoint (the backbone) over the same gallery and cache dir embeds it again
+    _, other = build(bb, tmp_path / "gallery", cache=tmp_path / "cache")
+    assert not other.from_cache and other.cache_file != g.cache_file
+    assert build(run, tmp_path / "gallery", cache=tmp_path / "cache")[1].from_cache
     client = TestClient(app)
     assert client.get("/api/info").json()["captioner"] == "maccap"
     img = (tmp_path / "gallery" / "00.png").read_bytes()
