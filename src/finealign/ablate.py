@@ -37,6 +37,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from .config_schema import EVAL_TASKS
+
 log = logging.getLogger("finealign")
 
 __all__ = ["discover_recipes", "recipe_description", "run_ablation", "summarize", "format_table",
@@ -160,9 +162,32 @@ def _config_mismatch(run_dir: Path, cfg) -> str | None:
     for k in sorted(set(saved) | set(now)):
         if k not in saved and k in defaults and now.get(k, MISSING) == defaults[k]:
             continue
+        if k == "train.run_dir":     # where the run lies, not what it ran (--out spelled another way, moved)
+            continue
         if saved.get(k, MISSING) != now.get(k, MISSING):
             return f"{k}: saved {saved.get(k, MISSING)!r}, now {now.get(k, MISSING)!r}"
     return None
+
+
+def _check_same_study(out: Path, path) -> None:
+    """An --out that holds another study's results.json is refused (its table would be replaced, its runs
+    left without one)."""
+    try:
+        before = json.loads((out / "results.json").read_text()).get("path")
+    except (OSError, ValueError, AttributeError):
+        return
+    if before and Path(before).resolve() != Path(path).resolve():
+        raise ValueError(f"{out} holds the results of another study ({before}); give this one another --out")
+
+
+def _check_tasks(name: str, cfg, tasks) -> None:
+    """``--task caption`` needs a caption decoder (CoCa-arch with decoder layers, or MacCap); ``vqa`` MacCap."""
+    arch = cfg.model.arch
+    if tasks and "caption" in tasks and not (arch == "maccap" or (arch == "coca" and cfg.model.decoder_layers > 0)):
+        raise ValueError(f"--task caption: recipe {name} has no caption decoder (model.arch={arch}, "
+                         f"decoder_layers={cfg.model.decoder_layers}); drop the task or the recipe")
+    if tasks and "vqa" in tasks and arch != "maccap":
+        raise ValueError(f"--task vqa: recipe {name} cannot answer questions (zero-shot VQA needs a MacCap recipe)")
 
 
 def _resolved(cfg):
@@ -215,6 +240,7 @@ def _train_and_eval(cfg, run_dir: Path, tasks, progress: bool, resume: bool) -> 
     t2 = time.perf_counter()
     res["timing"] = {"train_s": t1 - t0, "eval_s": t2 - t1, "wall_s": t2 - t0,
                      "resumed_from_checkpoint": continue_from is not None}
+    res["tasks_asked"] = list(tasks or cfg.eval.tasks)
     _write_json_atomic(run_dir / RESULT_FILE, res)
     return res
 
@@ -241,7 +267,8 @@ def run_ablation(path: str | os.PathLike, seeds: int | Sequence[int] = 3, overri
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list or len(set(seed_list)) != len(seed_list):
         raise ValueError(f"seeds must be a positive count or a list of distinct seeds, got {seeds!r}")
-    out = Path(out_dir) if out_dir is not None else default_out_dir(path)
+    out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(path)
+    _check_same_study(out, path)
     configs = {}      # (name, seed) -> Config; all built (and checked) before anything trains
     for rec in recipes:
         for seed in seed_list:
@@ -249,6 +276,8 @@ def run_ablation(path: str | os.PathLike, seeds: int | Sequence[int] = 3, overri
                 f"train.seed={seed}", f"train.run_dir={out / rec.stem / f'seed{seed}'}"])
     vary = study_vary(path)
     _check_same({rec.stem: configs[rec.stem, seed_list[0]] for rec in recipes}, vary)
+    for rec in recipes:                  # an asked task a recipe cannot run: refused before hours of training
+        _check_tasks(rec.stem, configs[rec.stem, seed_list[0]], tasks)
     out.mkdir(parents=True, exist_ok=True)
 
     runs, total = [], len(configs)
@@ -261,8 +290,14 @@ def run_ablation(path: str | os.PathLike, seeds: int | Sequence[int] = 3, overri
             if bad:
                 raise ValueError(f"{run_dir} was run with a different config ({bad}); use --no-resume to "
                                  f"retrain it or another --out")
-        if resume and result_path.exists():
-            res = json.loads(result_path.read_text())
+        wanted = list(tasks or cfg.eval.tasks)
+        done = json.loads(result_path.read_text()) if resume and result_path.exists() else None
+        if done is not None and not set(wanted) <= set(done.get("tasks_asked") or [t for t in EVAL_TASKS if t in done]):
+            log.info("%s: trained, but %s lacks task(s) %s: evaluating again from the final checkpoint", tag,
+                     result_path, ", ".join(sorted(set(wanted) - set(done.get("tasks_asked") or done))))
+            done = None
+        if done is not None:
+            res = done
             reused = True
             log.info("%s: already done (%s), not retrained", tag, result_path)
         else:

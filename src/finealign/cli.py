@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="shard pattern with a printf field, e.g. shards/train-%%06d.tar")
     b.add_argument("--maxcount", type=_at_least(1), default=1000, help="samples per shard (default: 1000)")
     b.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png", help="image encoding (default: png)")
+    b.add_argument("--force", action="store_true", help="replace shards that already match --out (all of them)")
     _overrides(b)
 
     p = sub.add_parser("train", help="train a recipe", description="Train RECIPE (a name in configs/ or a YAML path).")
@@ -216,10 +217,25 @@ def cmd_data_shard(args) -> int:
     data = {**extra.get("data", {}), "source": args.source}
     if args.root is not None:
         data["root"] = args.root
-    res = write_split_shards(from_dict({"data": data}).data, args.split, args.out, args.maxcount, args.image_format)
-    print(f"wrote {len(res['shards'])} shard(s), {res['samples']} sample(s) -> {args.out}")
+    res = write_split_shards(from_dict({"data": data}).data, args.split, args.out, args.maxcount, args.image_format,
+                             force=args.force)
+    print(f"wrote {len(res['shards'])} shard(s), {res['samples']} sample(s) -> {args.out}"
+          + (f" (replaced {res['replaced']} earlier shard(s))" if res["replaced"] else ""))
     print(f"skipped {res['skipped']} sample(s)" + "".join(f"\n  {n:6d}  {r}" for r, n in res["skips"].items()))
+    first, last = Path(res["shards"][0]), Path(res["shards"][-1])
+    span = first.name if first == last else _brace_span(first.name, last.name)
+    print(f"read back with: data.source=webdataset data.{args.split if args.split in ('train', 'val', 'test') else 'train'}"
+          f"={first.parent / span}")
     return 0
+
+
+def _brace_span(first: str, last: str) -> str:
+    """``train-000000.tar``, ``train-000006.tar`` -> ``train-{000000..000006}.tar`` (braceexpand syntax)."""
+    import os.path
+    head = os.path.commonprefix([first, last])
+    head = head.rstrip("0123456789")
+    tail = first[len(head):].lstrip("0123456789")
+    return f"{head}{{{first[len(head):len(first) - len(tail)]}..{last[len(head):len(last) - len(tail)]}}}{tail}"
 
 
 def cmd_train(args) -> int:

@@ -111,6 +111,9 @@ def cmd_caption(args) -> int:
     cfg, tok = loaded.config, loaded.tokenizer
     images = _load_images(args.images, cfg.model.image_size)
     decoding = {**cfg.eval.decoding(), "strategy": args.decode or cfg.eval.decode}
+    if args.num > 1 and decoding["strategy"] != "top_p" and cfg.model.arch != "maccap":
+        raise ValueError(f"--num {args.num}: {decoding['strategy']} decoding gives one caption per image, the same "
+                         f"every time; sample several with --decode top_p")
     gen = torch.Generator().manual_seed(args.seed)
     for n in range(args.num):
         ids = loaded.model.generate(images, tok.bos_id, tok.eos_id, tok.pad_id, **decoding, generator=gen)
@@ -146,6 +149,10 @@ def cmd_retrieve(args) -> int:
         from .data.skips import SkipLog
         data = cfg.data
         if args.captions_from:
+            from .config_checks import PROCEDURAL_SOURCES
+            if data.source in PROCEDURAL_SOURCES:
+                raise ValueError(f"--captions-from {args.captions_from}: this model's data.source={data.source} is "
+                                 f"generated in memory and reads no files; its own captions are ranked without it")
             data.root = args.captions_from
         texts = sorted({c for s in build_source(data, data.test, SkipLog()) for c in s.captions})
         with torch.no_grad():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -28,9 +29,23 @@ PRESET_DIR = Path(__file__).parent / "models" / "presets"
 
 # ---------------------------------------------------------------- loading and merging
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _load_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)   # safe: a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as e:   # safe_load: a !!python tag is refused, not run
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if data is None:
@@ -199,7 +214,9 @@ def from_dict(raw: dict[str, Any]) -> Config:
     if objectives is not None:
         if not isinstance(objectives, dict):
             raise ConfigError("'objectives' must map objective names to {weight: ..., ...}")
-        raw["objectives"] = {k: ({"weight": float(v)} if isinstance(v, (int, float)) else (v or {}))
+        # `name: 0.5` is a weight; `name: null` (objectives.ic=null) switches it off like weight 0
+        raw["objectives"] = {k: ({"weight": float(v)} if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 else {"weight": 0.0} if v is None else v)
                              for k, v in objectives.items()}
     if isinstance(raw.get("mixer"), str):          # `mixer: timix` shorthand
         raw["mixer"] = {"type": raw["mixer"]}
@@ -217,10 +234,13 @@ def validate(cfg: Config) -> None:
     check(cfg)
 
 
-def load_config(recipe: str | None = None, overrides: list[str] | None = None,
+def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 extra: dict[str, Any] | None = None) -> Config:
     raw: dict[str, Any] = {}
+    if isinstance(overrides, str) or any(not isinstance(o, str) for o in overrides or ()):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, got {overrides!r}")
     if recipe:
+        recipe = os.fspath(recipe)
         raw = load_recipe_dict(recipe)
         raw.setdefault("recipe", Path(recipe).stem if recipe.endswith(".yaml") else recipe)
     if extra:

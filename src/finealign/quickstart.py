@@ -16,6 +16,8 @@ def quickstart(args) -> int:
 
     overrides = [f"data.root={args.data}"]
     data_dir = Path(args.data)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ValueError(f"--data {data_dir} is a file: give the emoji dataset's directory (built there if missing)")
     if not (data_dir / "test.jsonl").exists():
         from .data.sources.emoji import build_emoji_dataset
         try:

@@ -256,7 +256,7 @@ class TrainLoader:
                 return batch
             self._drop_iterator()                           # the epoch is over
             if not self._nonempty:
-                raise RuntimeError(self._empty_epoch_message())
+                raise ValueError(self._empty_epoch_message())
             self.epoch, self.position, self._nonempty = self.epoch + 1, 0, False
             self._consumed, self._next_slot, self.local_exhausted = [0] * self._slots, 0, False
 

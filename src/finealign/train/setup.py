@@ -57,7 +57,7 @@ def make_run_dir(cfg: Config, resume: str | None) -> Path:
     from ..config import ConfigError
     from . import checkpoint as ckpt
     if cfg.train.run_dir:
-        run_dir = Path(cfg.train.run_dir)
+        run_dir = Path(cfg.train.run_dir).expanduser()
     elif resume and resume != "latest":
         p = Path(resume)
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else p
@@ -75,6 +75,8 @@ def make_run_dir(cfg: Config, resume: str | None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.run_dir = str(run_dir)
     if not resume:
+        # a tokenizer left by an earlier attempt that saved no checkpoint may come from other (or no) data
+        (run_dir / "tokenizer.json").unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return run_dir
 
@@ -133,15 +135,23 @@ def build_tokenizer(cfg: Config, run_dir: Path, skips: SkipLog):
         return Tokenizer.load(cfg.tokenizer.path)
     if own.exists():
         return Tokenizer.load(own)
-    samples = build_source(cfg.data, "train", SkipLog(strict=cfg.data.strict))
+    read = SkipLog(strict=cfg.data.strict)
+    samples = build_source(cfg.data, "train", read)
+    count = 0
 
     def captions():
+        nonlocal count
         for i, s in enumerate(samples):
+            count += len(s.captions)
             yield from s.captions
             if i >= 200_000:  # enough text for a BPE vocabulary; streaming sources may be endless
                 break
     log.info("training a %d-token BPE tokenizer on the training captions", cfg.tokenizer.vocab_size)
     tok = Tokenizer.train(captions(), vocab_size=cfg.tokenizer.vocab_size, lowercase=cfg.tokenizer.lowercase)
+    if not count:
+        why = ", ".join(f"{n} {r}" for r, n in read.counts.most_common()) or "it is empty"
+        raise ValueError(f"no training captions to build a tokenizer from: split {cfg.data.train!r} of data.source="
+                         f"{cfg.data.source} (data.root={cfg.data.root}) gave none (skipped: {why})")
     tok.save(own)
     return tok
 

@@ -257,14 +257,34 @@ def write_shards(samples: Iterable[Sample], pattern: str, maxcount: int = 1000,
 
 
 def write_split_shards(cfg: DataConfig, split: str, pattern: str, maxcount: int = 1000,
-                       image_format: str = "png") -> dict:
+                       image_format: str = "png", force: bool = False) -> dict:
     """Write split ``split`` of the registered source ``cfg.source`` as shards (``finealign data shard``).
 
-    Returns ``{"shards": [paths], "samples": written, "skipped": n, "skips": {reason: count}}``; bad
-    samples (rejected by the source, or images that cannot be read) are skipped and counted."""
+    The shards are written into a temporary directory beside the target and moved into place at the
+    end, so the source may be the very shards being replaced (re-sharding in place) and an interrupted
+    or empty write changes nothing. Shards already matching ``pattern`` are refused unless ``force``
+    (then they are all replaced, none left stale). Returns ``{"shards": [paths], "samples": written,
+    "skipped": n, "skips": {reason: count}}``; bad samples are skipped and counted."""
+    import re
+    import shutil
+    import tempfile
     from ..loader import build_source
     if maxcount < 1:
         raise ValueError(f"--maxcount must be >= 1, got {maxcount}")
+    target = Path(pattern).expanduser()
+    fields = re.findall(r"%[-+ #0]*\d*[a-zA-Z%]", target.name)
+    if str(target.parent).count("%") or len(fields) != 1 or not re.fullmatch(r"%0?\d*d", fields[0]) \
+            or target.suffix != ".tar":
+        raise ValueError(f"--out {pattern}: a shard pattern is a file name with one integer field and the .tar "
+                         f"suffix, e.g. shards/train-%06d.tar")
+    head, tail = target.name.split(fields[0])
+    number = re.compile(re.escape(head) + r"\d+" + re.escape(tail))
+    out_dir = target.parent
+    existing = sorted(p for p in out_dir.glob("*") if number.fullmatch(p.name)) if out_dir.is_dir() else []
+    if existing and not force:
+        raise FileExistsError(f"{out_dir} already holds {len(existing)} shard(s) matching {target.name} "
+                              f"({existing[0].name}, ...): pass --force to replace them all")
+    out_dir.mkdir(parents=True, exist_ok=True)
     read, write = SkipLog(), SkipLog()
     seen = 0
 
@@ -273,7 +293,22 @@ def write_split_shards(cfg: DataConfig, split: str, pattern: str, maxcount: int 
         for s in samples:
             seen += 1
             yield s
-    paths = write_shards(counted(build_source(cfg, split, read)), pattern, maxcount=maxcount,
-                         image_format=image_format, skips=write)
-    read.update(write)
-    return {"shards": paths, "samples": seen - write.total, "skipped": read.total, "skips": dict(read.counts)}
+    tmp = Path(tempfile.mkdtemp(prefix=".shards-tmp-", dir=out_dir))
+    try:
+        paths = write_shards(counted(build_source(cfg, split, read)), str(tmp / target.name), maxcount=maxcount,
+                             image_format=image_format, skips=write)
+        read.update(write)
+        if seen - write.total <= 0:
+            why = ", ".join(f"{n} {r}" for r, n in read.counts.most_common()) or "the split is empty"
+            raise ValueError(f"split {split!r} of {cfg.source} gave no sample to write (skipped: {why}); "
+                             f"nothing written to {out_dir}")
+        for old in existing:
+            old.unlink()
+        final = []
+        for p in paths:
+            os.replace(p, out_dir / Path(p).name)
+            final.append(str(out_dir / Path(p).name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"shards": final, "samples": seen - write.total, "skipped": read.total, "skips": dict(read.counts),
+            "replaced": len(existing)}

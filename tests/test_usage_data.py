@@ -1,0 +1,150 @@
+"""Usage mistakes, second round: shards, leftovers of failed runs, ablation reruns, recipe YAML and the
+Python API. Each is refused with a message naming what to change before anything on disk changes, or
+does what was meant."""
+import json
+import tarfile
+
+import pytest
+import yaml
+
+from finealign.ablate import run_ablation
+from finealign.cli import main
+from finealign.config import CONFIG_DIR, ConfigError, load_config
+
+from test_ablate import write_recipe
+
+SHAPES = ["data.source=shapes", "data.num_samples=24"]
+
+
+def members(shards):
+    return sorted(m for s in shards for m in tarfile.open(s).getnames() if m.endswith(".txt"))
+
+
+def test_data_shard_reshards_in_place_refuses_existing_and_bad_patterns(tmp_path, capsys):
+    out = tmp_path / "sh"
+    assert main(["data", "shard", "--source", "shapes", "--split", "val", "--out", str(out / "val-%06d.tar"),
+                 "--maxcount", "4", *SHAPES]) == 0
+    first = sorted(out.glob("val-*.tar"))
+    assert len(first) > 1
+    text = capsys.readouterr().out
+    assert f"data.val={out}/val-{{000000..{len(first) - 1:06d}}}.tar" in text
+    names = members(first)
+    # the same pattern again: refused without --force, nothing touched
+    before = {p: p.read_bytes() for p in first}
+    assert main(["data", "shard", "--source", "shapes", "--split", "val", "--out", str(out / "val-%06d.tar"),
+                 *SHAPES]) == 2
+    assert f"already holds {len(first)} shard(s) matching val-%06d.tar" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in first} == before
+    # re-shard those shards into themselves, fewer and larger: every sample survives, no stale shard left
+    assert main(["data", "shard", "--source", "webdataset", "--root", str(out), "--split", "val",
+                 "--out", str(out / "val-%06d.tar"), "--maxcount", "100", "--force"]) == 0
+    assert sorted(out.glob("val-*.tar")) == [out / "val-000000.tar"]
+    assert len(members([out / "val-000000.tar"])) == len(names)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]          # no temporary dir left
+    for bad in ("v-%06d-%d.tar", "v-%s", "v-%06d"):
+        assert main(["data", "shard", "--source", "shapes", "--split", "val", "--out", str(out / bad), *SHAPES]) == 2
+        assert "a shard pattern is a file name with one integer field and the .tar suffix" in capsys.readouterr().err
+
+
+def test_a_split_with_nothing_to_shard_or_tokenize_is_an_error_that_writes_nothing(tmp_path, capsys):
+    ds = tmp_path / "empty"
+    ds.mkdir()
+    (ds / "train.jsonl").write_text("")
+    assert main(["data", "shard", "--source", "jsonl", "--root", str(ds), "--split", "train",
+                 "--out", str(tmp_path / "sh" / "train-%06d.tar")]) == 2
+    assert "gave no sample to write (skipped: the split is empty); nothing written" in capsys.readouterr().err
+    assert not list((tmp_path / "sh").glob("*.tar"))
+    run = tmp_path / "run"
+    assert main(["train", "clip", "data.source=jsonl", f"data.root={ds}", f"train.run_dir={run}",
+                 "--no-progress"]) == 2
+    assert "no training captions to build a tokenizer from" in capsys.readouterr().err
+    assert not (run / "tokenizer.json").exists()
+
+
+def test_a_new_run_does_not_reuse_a_failed_attempts_tokenizer(tmp_path):
+    from finealign.data.tokenizer import Tokenizer
+    run = tmp_path / "run"
+    run.mkdir()
+    Tokenizer.train(["zzz"], vocab_size=300).save(run / "tokenizer.json")       # left by a failed attempt
+    assert main(["train", "clip", *SHAPES, "data.batch_size=8", "train.steps=1", f"train.run_dir={run}",
+                 "--no-progress"]) == 0
+    vocab = json.loads((run / "tokenizer.json").read_text())["model"]["vocab"]
+    assert "circle" in vocab or "Ġcircle" in vocab
+
+
+@pytest.fixture(scope="module")
+def clip_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    (root / "recipes").mkdir()
+    write_recipe(root / "recipes" / "a_clip.yaml", "clip", ["retrieval"], "CLIP")
+    out = root / "out"
+    run_ablation(root / "recipes", seeds=1, out_dir=out, progress=False)
+    return root, out
+
+
+def test_ablate_reruns_evaluate_missing_tasks_and_refuse_what_cannot_run(clip_study, monkeypatch, tmp_path):
+    root, out = clip_study
+    ckpt = out / "a_clip" / "seed0" / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
+    # a task the first run did not evaluate: evaluated from the final checkpoint, not retrained
+    res = run_ablation(root / "recipes", seeds=1, out_dir=out, progress=False, tasks=["retrieval", "classify"])
+    run = res["runs"][0]
+    assert run["reused"] is False and run["results"]["timing"]["resumed_from_checkpoint"] is True
+    assert {"retrieval", "classify"} <= set(run["results"]) and run["results"]["tasks_asked"] == ["retrieval", "classify"]
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
+    assert run_ablation(root / "recipes", seeds=1, out_dir=out, progress=False, tasks=["classify"])["runs"][0]["reused"]
+    # the same --out spelled relative to another working directory: still the same runs
+    monkeypatch.chdir(out.parent)
+    assert run_ablation(root / "recipes", seeds=1, out_dir="out", progress=False)["runs"][0]["reused"]
+    # captioning with a CLIP recipe: refused before anything trains
+    with pytest.raises(ValueError, match="--task caption: recipe a_clip has no caption decoder"):
+        run_ablation(root / "recipes", seeds=1, out_dir=tmp_path / "new", progress=False, tasks=["caption"])
+    assert not (tmp_path / "new").exists()
+    # another study into this --out: refused, the first study's table kept
+    (tmp_path / "other").mkdir()
+    write_recipe(tmp_path / "other" / "b_clip.yaml", "clip", ["retrieval"], "other")
+    table = (out / "table.md").read_text()
+    with pytest.raises(ValueError, match="holds the results of another study"):
+        run_ablation(tmp_path / "other", seeds=1, out_dir=out, progress=False)
+    assert (out / "table.md").read_text() == table
+
+
+def test_recipe_yaml_and_api_mistakes(tmp_path, capsys, monkeypatch):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("base: clip\ntrain: {steps: 3}\nmodel: {preset: tiny}\ntrain: {lr: 0.01}\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: invalid YAML: key 'train' given twice"):
+        load_config(str(dup))
+    assert load_config("coca", ["objectives.ic=null"]).active_objectives() == {"itc": {"weight": 1.0}}
+    assert load_config("coca", ["objectives.ic=0"]).active_objectives() == {"itc": {"weight": 1.0}}
+    assert load_config(CONFIG_DIR / "coca.yaml").recipe == "coca"           # a Path recipe
+    for bad in ("train.steps=5", ["train.steps=5", 5]):
+        with pytest.raises(ConfigError, match="overrides must be a list of 'key=value' strings"):
+            load_config("coca", bad)
+    # train.run_dir=~/x is under the home directory, not a literal "~" folder
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "clip", *SHAPES, "data.batch_size=8", "train.steps=1", "train.run_dir=~/x",
+                 "--no-progress"]) == 0
+    assert (tmp_path / "home" / "x" / "checkpoints").is_dir() and not (tmp_path / "~").exists()
+    assert yaml.safe_load((tmp_path / "home" / "x" / "config.yaml").read_text())["train"]["run_dir"] == \
+        str(tmp_path / "home" / "x")
+    # quickstart --data naming a file: refused before building anything
+    (tmp_path / "afile").write_text("")
+    assert main(["quickstart", "--data", str(tmp_path / "afile"), "--no-progress"]) == 2
+    assert "--data " + str(tmp_path / "afile") + " is a file" in capsys.readouterr().err
+
+
+def test_caption_num_needs_sampling_and_captions_from_needs_files(tmp_path, capsys):
+    from PIL import Image
+    run = tmp_path / "coca"
+    assert main(["train", "coca", *SHAPES, "data.batch_size=8", "train.steps=1", f"train.run_dir={run}",
+                 "--no-progress"]) == 0
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(img)
+    capsys.readouterr()
+    assert main(["caption", str(run), str(img), "--num", "2", "--decode", "greedy"]) == 2
+    assert "--num 2: greedy decoding gives one caption per image" in capsys.readouterr().err
+    assert main(["caption", str(run), str(img), "--num", "2", "--decode", "top_p"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert main(["retrieve", str(run), "--image", str(img), "--captions-from", str(tmp_path)]) == 2
+    assert "data.source=shapes is generated in memory" in capsys.readouterr().err
