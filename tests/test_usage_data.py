@@ -148,3 +148,50 @@ def test_caption_num_needs_sampling_and_captions_from_needs_files(tmp_path, caps
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     assert main(["retrieve", str(run), "--image", str(img), "--captions-from", str(tmp_path)]) == 2
     assert "data.source=shapes is generated in memory" in capsys.readouterr().err
+
+
+def test_two_studies_with_one_name_keep_their_own_charts(clip_study, tmp_path):
+    import shutil
+    from finealign.report import build_report
+    _, out = clip_study
+    twin = tmp_path / "elsewhere" / out.name
+    shutil.copytree(out, twin)
+    res = json.loads((twin / "results.json").read_text())
+    for run in res["runs"]:
+        run["results"]["retrieval"]["t2i_r1"] = 99.0     # tells the two charts apart
+    for row in res["rows"]:
+        row["metrics"]["t2i_r1"] = {"mean": 99.0, "std": 0.0, "n": 1, "values": [99.0]}
+    (twin / "results.json").write_text(json.dumps(res))
+    page = build_report([out, twin], tmp_path / "r.html", progress=False)
+    bars = sorted((page.parent / "r_files").glob("*_bars.png"))
+    assert len(bars) == 2 and bars[0].read_bytes() != bars[1].read_bytes()
+    html = page.read_text()
+    assert f"Ablation study: {out.parent.name}/{out.name}" in html and f"Ablation study: elsewhere/{out.name}" in html
+
+
+def test_override_text_values_and_keys(tmp_path):
+    from finealign.config import parse_overrides
+    for sep in ("|", "#", ",", ";"):                 # YAML syntax characters meant as text
+        assert parse_overrides([f"data.separator={sep}"]) == {"data": {"separator": sep}}
+        assert load_config("clip", [f"data.separator={sep}"]).data.separator == sep
+    assert parse_overrides(["objectives.ic=null"]) == {"objectives": {"ic": None}}
+    for bad in (".train.steps=2", "train..steps=2"):
+        with pytest.raises(ConfigError, match="has an empty part"):
+            parse_overrides([bad])
+    with pytest.raises(ConfigError, match="invalid YAML value"):
+        parse_overrides(["train.steps=!!python/object/apply:os.system ['true']"])
+
+
+def test_a_trainer_keeps_the_callers_config_and_refuses_a_second_train(tmp_path, monkeypatch):
+    from finealign.train.loop import Trainer
+    monkeypatch.chdir(tmp_path)                        # the automatic run dir goes under ./runs
+    cfg = load_config("clip", [*SHAPES, "data.batch_size=8", "train.steps=1", "train.warmup=0"])
+    for seed in (0, 1):                                # one config object, two runs: two run dirs
+        cfg.train.seed = seed
+        cfg.train.run_dir = str(tmp_path / f"s{seed}") if seed else ""
+        t = Trainer(cfg, progress=False)
+        assert cfg.train.run_dir == ("" if not seed else str(tmp_path / "s1"))
+        t.train()
+    assert len(list((tmp_path / "runs").iterdir())) == 1 and (tmp_path / "s1" / "checkpoints").is_dir()
+    with pytest.raises(RuntimeError, match="this Trainer has finished"):
+        t.train()

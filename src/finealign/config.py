@@ -127,6 +127,17 @@ def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
     return raw
 
 
+#: the YAML spellings of null (``objectives.ic=null``); other values YAML reads as nothing stay text
+NULLS = ("null", "Null", "NULL", "~")
+
+
+def _plain_text(val: str) -> bool:
+    """A short value YAML cannot parse that is plainly meant as text (a separator such as ``,`` or ``|``),
+    not a mapping / list / tag."""
+    v = val.strip()
+    return 0 < len(v) <= 2 and not v.startswith(("!", "{", "["))
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["train.steps=200", "model.width=256"]`` -> nested dict (values parsed as YAML scalars)."""
     out: dict[str, Any] = {}
@@ -136,15 +147,22 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, val = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise ConfigError(f"override {item!r}: the key {key!r} has an empty part (want key.sub=value)")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier one")
         try:
-            value = _expand(parts, yaml.safe_load(val) if val != "" else "")
-            value = Cleared() if value == {} else value
+            parsed = yaml.safe_load(val) if val != "" else ""
         except yaml.YAMLError as e:   # e.g. a !!python tag: refused, nothing constructed
-            raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
+            if not _plain_text(val):
+                raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
+            parsed = val
+        if parsed in (None, "") and val.strip() and val.strip() not in NULLS:
+            parsed = val              # YAML syntax characters as text: data.separator=| (or #, ;)
+        value = _expand(parts, parsed)
+        value = Cleared() if value == {} else value
         old = node.get(parts[-1])
         # `mixer.alpha=0.2 mixer=mixup`: the shorthand adds its key to the earlier override's mapping
         combine = isinstance(old, dict) and isinstance(value, dict) and not isinstance(value, Cleared)

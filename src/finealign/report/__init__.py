@@ -51,6 +51,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     assets.mkdir(parents=True, exist_ok=True)
     runs = [i for i in inputs if isinstance(i, RunDir)]
     unique_names(runs)
+    unique_names([i for i in inputs if isinstance(i, AblationDir)])     # their charts are files named after them
     if run_eval:
         for run in runs:
             quick_eval(run, split, progress)

@@ -159,3 +159,8 @@ def unique_names(items: list) -> None:
     for it in items:
         if counts[it.name] > 1:
             it.name = f"{it.path.parent.name}/{it.path.name}"
+    seen: dict[str, int] = {}
+    for it in items:                     # parents named alike too: number them
+        seen[it.name] = seen.get(it.name, 0) + 1
+        if seen[it.name] > 1:
+            it.name = f"{it.name} ({seen[it.name]})"

@@ -202,7 +202,8 @@ def ablation_sections(ab: AblationDir, out_dir: Path, member_runs: list[RunDir],
     sec.html(tab)
     for line in rest:
         sec.text(line, "muted")
-    png = plots.ablation_bars(res["rows"], [(k, h) for _, k, h in METRICS], out_dir / f"{ab.name}_bars.png")
+    stem = _file_name(ab.name)
+    png = plots.ablation_bars(res["rows"], [(k, h) for _, k, h in METRICS], out_dir / f"{stem}_bars.png")
     if png:
         sec.image(png, "ablation metrics: mean ± std over seeds per recipe")
     runs = [[r.get("recipe"), r.get("seed"), r.get("wall_s"), r.get("run_dir")] for r in res["runs"]]
@@ -212,6 +213,11 @@ def ablation_sections(ab: AblationDir, out_dir: Path, member_runs: list[RunDir],
                  f"(curves not shown): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     out = [sec]
     if member_runs:
-        out.append(comparison_section(member_runs, out_dir, f"Runs of {ab.name} compared", f"{ab.name}_runs",
+        out.append(comparison_section(member_runs, out_dir, f"Runs of {ab.name} compared", f"{stem}_runs",
                                       groups=[r.name.split("/")[0] for r in member_runs]))
     return out
+
+
+def _file_name(name: str) -> str:
+    """A display name (``runs/ab1``, ``ab1 (2)``) as one file-name component."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -9,6 +9,7 @@ objectives (IC, MIM, ...) are averaged over micro-batches.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 import signal
@@ -46,7 +47,9 @@ __all__ = ["Trainer", "train", "seed_everything", "NonFiniteLossError"]   # the 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, progress: bool = True):
+        cfg = copy.deepcopy(cfg)                 # the run's own: the caller's config is not filled in
         self.cfg = cfg
+        self._closed = False
         self.progress = progress
         tc = cfg.train
         if tc.threads:
@@ -259,6 +262,9 @@ class Trainer:
 
     def train(self, until: int | None = None) -> Path:
         """Train to ``train.steps`` (or stop early at step ``until``, checkpointed, as if interrupted)."""
+        if self._closed:
+            raise RuntimeError("this Trainer has finished (its logs are closed): build a new one with "
+                               "resume='latest' to train further")
         tc = self.cfg.train
         last = min(tc.steps, until) if until is not None else tc.steps
         handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -327,6 +333,7 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
+            self._closed = True
             if epoch_skips.total:                # the epoch the run ended in, as far as it got
                 log.warning("epoch %d (to step %d): %s", epoch, self.step, epoch_skips.summary())
             for s, h in handlers.items():
