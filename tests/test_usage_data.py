@@ -195,3 +195,29 @@ def test_a_trainer_keeps_the_callers_config_and_refuses_a_second_train(tmp_path,
     assert len(list((tmp_path / "runs").iterdir())) == 1 and (tmp_path / "s1" / "checkpoints").is_dir()
     with pytest.raises(RuntimeError, match="this Trainer has finished"):
         t.train()
+
+
+def test_recipe_files_load_paths_and_a_missing_root(tmp_path, caplog, monkeypatch):
+    import finealign
+    from finealign.data.loader import build_source
+    from finealign.data.skips import SkipLog
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="empty.yaml: the recipe is empty"):
+        load_config(str(tmp_path / "empty.yaml"))
+    (tmp_path / "child.yaml").write_text("base: nosuch\ntrain: {steps: 3}\n")
+    with pytest.raises(ConfigError, match=r"child.yaml: base: no recipe 'nosuch'"):
+        load_config(str(tmp_path / "child.yaml"))
+    # load: the run's `latest` pointer file is followed; another file is named as one
+    run = tmp_path / "run"
+    assert main(["train", "clip", *SHAPES, "data.batch_size=8", "train.steps=1", f"train.run_dir={run}",
+                 "--no-progress"]) == 0
+    assert finealign.load(run / "checkpoints" / "latest").path.name == "step_00000001"
+    with pytest.raises(FileNotFoundError, match=r"config.yaml is a file: give the run, checkpoint or export"):
+        finealign.load(run / "config.yaml")
+    # a data.root that does not exist, with the split file in the working directory: read, and said so
+    (tmp_path / "train.csv").write_text("filepath,title\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("clip", ["data.source=csv", f"data.root={tmp_path / 'typo'}"]).data
+    with caplog.at_level("WARNING", logger="finealign"):
+        list(build_source(cfg, "train", SkipLog()))
+    assert f"data.root={tmp_path / 'typo'} does not exist: reading split 'train' from train.csv" in caplog.text

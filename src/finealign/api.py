@@ -39,6 +39,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", which: str = "lat
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist (expected a run or checkpoint directory, an export from "
                                 f"`finealign export`, or a Hugging Face CLIPModel directory)")
+    if p.is_file():
+        if p.name == "latest" and p.parent.name == "checkpoints":      # the run's pointer file: follow it
+            p = p.parent / p.read_text().strip()
+        else:
+            raise FileNotFoundError(f"{p} is a file: give the run, checkpoint or export directory ({p.parent})")
     kind = model_dir_kind(p)
     if kind == "export":
         from .interop.export import load_export
@@ -54,7 +59,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", which: str = "lat
         else:
             what = f"it holds {', '.join(sorted(c.name for c in p.iterdir())[:6]) or 'nothing'}"
         raise FileNotFoundError(f"{p} is not a run, checkpoint, export or Hugging Face CLIPModel directory: {what}")
-    ck = ckpt.find_checkpoint(path, which)
+    ck = ckpt.find_checkpoint(p, which)
     state = ckpt.load_checkpoint(ck)            # verifies the files once; config and extra, no weights
     cfg = from_dict(state["config"])
     tok_json = (state.get("extra") or {}).get("tokenizer_json")

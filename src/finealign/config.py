@@ -121,9 +121,16 @@ def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
     if path in _seen:
         raise ConfigError(f"recipe base cycle: {' -> '.join(map(str, _seen + (path,)))}")
     raw = _expand([], _load_yaml(path))
+    if not raw:
+        raise ConfigError(f"{path}: the recipe is empty (a recipe sets at least `base:` or one section)")
     base = raw.pop("base", None)
     if base:
-        raw = merge(load_recipe_dict(str(base), _seen + (path,)), raw)
+        try:
+            raw = merge(load_recipe_dict(str(base), _seen + (path,)), raw)
+        except ConfigError as e:
+            if str(e).startswith("no recipe"):
+                raise ConfigError(f"{path}: base: {e}") from None
+            raise
     return raw
 
 

@@ -77,7 +77,7 @@ def evaluate(model, tokenizer, cfg: Config, split: str | None = None, tasks: Seq
     on rank 0 only."""
     shard = Sharding.current(distributed)
     progress = progress and shard.is_main
-    tasks = list(tasks or cfg.eval.tasks)
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks or cfg.eval.tasks)
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown eval task {t!r}; choose from {', '.join(TASKS)}")

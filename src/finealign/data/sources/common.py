@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import warnings
@@ -31,6 +32,8 @@ from ...types import Region, Sample
 from ..skips import BadSampleError
 from ..transforms import accepts_boxes, to_rgb
 from .untrusted import clean_caption, keep_inside
+
+log = logging.getLogger("finealign")
 
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485   # PIL's own warning threshold (~ 9459 x 9459); data.max_image_pixels
 
@@ -118,6 +121,9 @@ def resolve_split_file(cfg: DataConfig, split: str, suffixes: Sequence[str],
         cands += [Path(value + s) for s in suffixes if not value.endswith(s)]
     for c in cands:
         if c.is_file():
+            if root is not None and not root.exists() and not p.is_absolute():
+                log.warning("data.root=%s does not exist: reading split %r from %s (the working directory)",
+                            cfg.root, split, c)
             return c
     if root_file_ok and root is not None and root.is_file():
         return root
