@@ -221,3 +221,14 @@ def test_recipe_files_load_paths_and_a_missing_root(tmp_path, caplog, monkeypatc
     with caplog.at_level("WARNING", logger="finealign"):
         list(build_source(cfg, "train", SkipLog()))
     assert f"data.root={tmp_path / 'typo'} does not exist: reading split 'train' from train.csv" in caplog.text
+
+
+def test_ablate_refuses_the_overrides_it_sets_and_viz_study_takes_the_directory(clip_study, tmp_path, capsys):
+    root, out = clip_study
+    for bad in ("train.seed=5", "train.run_dir=x"):
+        with pytest.raises(ValueError, match=f"ablate sets train.seed .* drop {bad}"):
+            run_ablation(root / "recipes", seeds=1, out_dir=tmp_path / "o", progress=False, overrides=[bad])
+    assert not (tmp_path / "o").exists()
+    # the study directory is read (its results.json): this study varies nothing, which is what is reported
+    assert main(["viz", "study", str(out), "--out", str(tmp_path / "s.png"), "--x", "train.lr"]) == 2
+    assert "row 'a_clip' has no varied key 'train.lr'" in capsys.readouterr().err

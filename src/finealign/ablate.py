@@ -263,6 +263,10 @@ def run_ablation(path: str | os.PathLike, seeds: int | Sequence[int] = 3, overri
     """
     from .config import load_config
     from .train.checkpoint import list_checkpoints
+    own = [o for o in overrides if o.split("=", 1)[0].strip() in ("train.seed", "train.run_dir")]
+    if own:
+        raise ValueError(f"ablate sets train.seed (from --seeds) and train.run_dir (under --out) itself; "
+                         f"drop {', '.join(own)}")
     recipes = discover_recipes(path)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list or len(set(seed_list)) != len(seed_list):

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of the window-side / λ draw")
     v.add_argument("--out", default="mix.png", help="PNG to write (default: mix.png)")
     v = vsub.add_parser("study", help="an ablation study's metric against its varied key, one line per series")
-    v.add_argument("results", help="results.json written by finealign ablate")
+    v.add_argument("results", help="results.json written by finealign ablate (or its directory)")
     v.add_argument("--x", default="data.fraction", help="varied key on the x axis (default: data.fraction)")
     v.add_argument("--metric", default="t2i_r1", help="metric key, e.g. t2i_r1, i2t_r1, mean_recall (default: t2i_r1)")
     v.add_argument("--out", default="study.png", help="PNG to write (default: study.png)")

@@ -22,7 +22,7 @@ def quickstart(args) -> int:
         from .data.sources.emoji import build_emoji_dataset
         try:
             print(f"building the emoji dataset in {data_dir} ...")
-            build_emoji_dataset(data_dir)
+            build_emoji_dataset(data_dir, progress=not args.no_progress)
         except FileNotFoundError as e:
             print(f"emoji font not available ({e}).\nFalling back to the procedural 'shapes' dataset "
                   f"(install fonts-noto-color-emoji for the emoji data).")

@@ -35,7 +35,10 @@ def save_study_plot(results_path: str | Path, out: str | Path, x: str = "data.fr
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    results = json.loads(Path(results_path).read_text())
+    results_path = Path(results_path)
+    if results_path.is_dir():                    # an ablation directory: its results.json
+        results_path = results_path / "results.json"
+    results = json.loads(results_path.read_text())
     series = study_series(results, x, metric)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, pts in series.items():
