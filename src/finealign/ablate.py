@@ -26,35 +26,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
+from .ablate_table import METRICS, MISSING, footer as _footer, format_cell, format_table, summarize
 from .config_schema import EVAL_TASKS
 
 log = logging.getLogger("finealign")
 
-__all__ = ["discover_recipes", "recipe_description", "run_ablation", "summarize", "format_table",
+__all__ = ["discover_recipes", "recipe_description", "run_ablation", "summarize", "format_table", "format_cell",
            "default_out_dir", "add_ablate_parser", "cmd_ablate", "AblationInterrupted", "METRICS",
            "SAME_KEYS"]
 
-# (task, metric key, column header) in table order; a column no row has is left out of the table
-METRICS = [("retrieval", "t2i_r1", "t2i R@1"), ("retrieval", "i2t_r1", "i2t R@1"),
-           ("retrieval", "mean_recall", "mean R"), ("caption", "cider", "CIDEr"),
-           ("caption", "bleu4", "BLEU-4"), ("tgir", "r10", "TGIR R@10"), ("tgir", "r50", "TGIR R@50"),
-           ("classify", "top1", "top-1"), ("vqa", "accuracy", "VQA acc")]
-# (metric keys are unique across tasks: a row's metrics are keyed by them)
 # config keys every recipe of a study must share: equal steps and data is the point of an ablation
 SAME_KEYS = ["train.steps", "data.batch_size", "train.grad_accum", "data.source", "data.root",
              "data.train", "data.val", "data.test", "data.fraction", "data.num_samples", "data.seed"]
-MISSING = "–"
 RESULT_FILE = "eval_test.json"
 
 
@@ -328,61 +320,6 @@ def run_ablation(path: str | os.PathLike, seeds: int | Sequence[int] = 3, overri
         "recipes": [{"name": r.stem, "path": str(r), "description": descriptions[r.stem]} for r in recipes],
         "rows": rows, "runs": runs})
     return {"rows": rows, "runs": runs, "table": table, "out_dir": out}
-
-
-# ---------------------------------------------------------------- aggregation and the table
-
-def summarize(results: Sequence[dict]) -> list[dict]:
-    """Per recipe (in order of first appearance): mean ± sample std over seeds of each metric of METRICS.
-
-    ``results``: run records ``{"recipe": name, "seed": k, "results": evaluate(...) output}``. A row is
-    ``{"recipe", "seeds": [...], "metrics": {key: {"mean", "std", "n", "values"} or None}}``; std uses
-    ddof=1 when n > 1, else 0; a metric no seed reported is None (shown as "–").
-    """
-    by_recipe: dict[str, list[dict]] = {}
-    for r in results:
-        by_recipe.setdefault(r["recipe"], []).append(r)
-    rows = []
-    for name, runs in by_recipe.items():
-        metrics: dict[str, dict | None] = {}
-        for task, key, _ in METRICS:
-            vals = [float(v) for r in runs
-                    if isinstance(v := (r["results"].get(task) or {}).get(key), (int, float))
-                    and not isinstance(v, bool) and math.isfinite(v)]
-            metrics[key] = None if not vals else {
-                "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "n": len(vals), "values": vals}
-        rows.append({"recipe": name, "seeds": [r["seed"] for r in runs], "metrics": metrics})
-    return rows
-
-
-def format_cell(stat: dict | None, digits: int = 1) -> str:
-    """``12.3 ± 0.4`` (or "–" for a missing metric)."""
-    if not stat:
-        return MISSING
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
-def format_table(rows: Sequence[dict], digits: int = 1) -> str:
-    """Markdown table: one row per recipe, one column per metric of METRICS that any row has."""
-    cols = [(key, head) for _, key, head in METRICS if any(r["metrics"].get(key) for r in rows)]
-    varied = list(rows[0].get("varied", {})) if rows else []
-    lines = ["| " + " | ".join(["recipe"] + varied + [h for _, h in cols]) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(varied) + len(cols))) + "|"]
-    for r in rows:
-        cells = [r["recipe"]] + [str(r["varied"][k]) for k in varied] + [
-            format_cell(r["metrics"].get(k), digits) for k, _ in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _footer(seeds: Sequence[int], common: dict, command: str | None) -> str:
-    data = (f"{common['data.source']} (root {common['data.root']}, splits {common['data.train']}/"
-            f"{common['data.val']}/{common['data.test']}, fraction {common['data.fraction']}, "
-            f"num_samples {common['data.num_samples']}, data.seed {common['data.seed']})")
-    line = (f"seeds: {', '.join(map(str, seeds))} · steps: {common['train.steps']} · batch: "
-            f"{common['data.batch_size']} (grad_accum {common['train.grad_accum']}) · data: {data}")
-    return line + (f" · command: `{command}`" if command else "")
 
 
 # ---------------------------------------------------------------- command line
