@@ -229,6 +229,10 @@ def test_ablate_refuses_the_overrides_it_sets_and_viz_study_takes_the_directory(
         with pytest.raises(ValueError, match=f"ablate sets train.seed .* drop {bad}"):
             run_ablation(root / "recipes", seeds=1, out_dir=tmp_path / "o", progress=False, overrides=[bad])
     assert not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="afile is a file: an ablation writes a directory"):
+        run_ablation(root / "recipes", seeds=1, out_dir=tmp_path / "afile", progress=False)
+    assert "data: shapes (generated, splits" in (out / "table.md").read_text()    # no dataset root to name
     # the study directory is read (its results.json): this study varies nothing, which is what is reported
     assert main(["viz", "study", str(out), "--out", str(tmp_path / "s.png"), "--x", "train.lr"]) == 2
     assert "row 'a_clip' has no varied key 'train.lr'" in capsys.readouterr().err

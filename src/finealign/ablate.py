@@ -264,6 +264,8 @@ def run_ablation(path: str | os.PathLike, seeds: int | Sequence[int] = 3, overri
     if not seed_list or len(set(seed_list)) != len(seed_list):
         raise ValueError(f"seeds must be a positive count or a list of distinct seeds, got {seeds!r}")
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: an ablation writes a directory (its runs, table.md, results.json)")
     _check_same_study(out, path)
     configs = {}      # (name, seed) -> Config; all built (and checked) before anything trains
     for rec in recipes:

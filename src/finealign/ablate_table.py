@@ -60,7 +60,9 @@ def format_table(rows: Sequence[dict], digits: int = 1) -> str:
 
 
 def footer(seeds: Sequence[int], common: dict, command: str | None) -> str:
-    data = (f"{common['data.source']} (root {common['data.root']}, splits {common['data.train']}/"
+    from .config_checks import PROCEDURAL_SOURCES
+    where = ("generated" if common["data.source"] in PROCEDURAL_SOURCES else f"root {common['data.root']}")
+    data = (f"{common['data.source']} ({where}, splits {common['data.train']}/"
             f"{common['data.val']}/{common['data.test']}, fraction {common['data.fraction']}, "
             f"num_samples {common['data.num_samples']}, data.seed {common['data.seed']})")
     line = (f"seeds: {', '.join(map(str, seeds))} · steps: {common['train.steps']} · batch: "

@@ -55,6 +55,9 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     if run_eval:
         for run in runs:
             quick_eval(run, split, progress)
+        if len(runs) < len(inputs):
+            log.info("report --eval: ablation studies are shown from their results.json (their runs were "
+                     "evaluated by finealign ablate); pass a member's run directory to evaluate it again")
     top: list = []
     for ab in (i for i in inputs if isinstance(i, AblationDir)):
         members, missing = [], []
