@@ -75,11 +75,13 @@ class Trainer:
         name = D.broadcast_object(str(make_run_dir(cfg, resume)) if self.main else None)
         self.run_dir = Path(name)
         cfg.train.run_dir = name
+        # the checkpoint a resume loads, found (and its files hashed) once
+        path = ckpt.find_checkpoint(self.run_dir if resume == "latest" else resume, "latest") if resume else None
         with rank_zero_first(self.dist):         # rank 0 trains (or copies) the tokenizer first
             self.skips = SkipLog(strict=cfg.data.strict)
             # the tokenizer the weights were trained with: the backbone's (MacCap), or on a resume the
             # checkpoint's own copy when the run's tokenizer.json is gone (retraining a BPE would renumber)
-            source = backbone if backbone is not None and not resume else self._resume_path(resume)
+            source = backbone if backbone is not None and not resume else path
             if (source is not None and self.main and not (self.run_dir / "tokenizer.json").exists()
                     and not cfg.tokenizer.path):
                 # resolve_backbone (the trainer's load, for a resume) verifies these hashes: read without it
@@ -113,7 +115,6 @@ class Trainer:
         self.loader = build_train_loader(cfg, self.tokenizer, self.skips, self.dist, self.device)
         self.step = 0
         if resume:
-            path = self._resume_path(resume)
             state = self.engine.load(path, self.optimizer, self.scheduler, map_location=self.device)
             if self.main:                        # loaded: the config this run now continues with
                 (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -136,12 +137,6 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(tc.skip_nonfinite, skipped=state["extra"].get("nonfinite_skipped", 0)
                                         if resume else 0)
         self._stop_signal: int | None = None
-
-    def _resume_path(self, resume: str | None) -> Path | None:
-        """The checkpoint a resume loads (None: not resuming)."""
-        if not resume:
-            return None
-        return ckpt.find_checkpoint(self.run_dir if resume == "latest" else resume, "latest")
 
     # ------------------------------------------------------------------ one optimizer step
     def autocast(self):
