@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import yaml
 
 from .ablate_table import METRICS, MISSING, footer as _footer, format_cell, format_table, summarize
+from .config_checks import get_key as _get
 from .config_schema import EVAL_TASKS
 
 log = logging.getLogger("finealign")
@@ -94,13 +95,6 @@ def recipe_description(path: str | os.PathLike) -> str:
     """The recipe file's first line when it is a comment (``# SyCoCa without ...``), else ""."""
     lines = Path(path).read_text().splitlines()
     return lines[0].lstrip("#").strip() if lines and lines[0].startswith("#") else ""
-
-
-def _get(cfg, dotted: str):
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def study_vary(path: str | os.PathLike) -> list[str]:
@@ -288,12 +282,14 @@ def run_ablation(path: str | os.PathLike, seeds: int | Sequence[int] = 3, overri
             if bad:
                 raise ValueError(f"{run_dir} was run with a different config ({bad}); use --no-resume to "
                                  f"retrain it or another --out")
-        wanted = list(tasks or cfg.eval.tasks)
         done = json.loads(result_path.read_text()) if resume and result_path.exists() else None
-        if done is not None and not set(wanted) <= set(done.get("tasks_asked") or [t for t in EVAL_TASKS if t in done]):
-            log.info("%s: trained, but %s lacks task(s) %s: evaluating again from the final checkpoint", tag,
-                     result_path, ", ".join(sorted(set(wanted) - set(done.get("tasks_asked") or done))))
-            done = None
+        if done is not None:             # reused only if it holds every task asked now
+            have = done.get("tasks_asked") or [t for t in EVAL_TASKS if t in done]
+            lacking = sorted(set(tasks or cfg.eval.tasks) - set(have))
+            if lacking:
+                log.info("%s: trained, but %s lacks task(s) %s: evaluating again from the final checkpoint",
+                         tag, result_path, ", ".join(lacking))
+                done = None
         if done is not None:
             res = done
             reused = True

@@ -299,18 +299,21 @@ IN_RANGE = {"train.lr": (lambda v: v > 0, "> 0"), "train.min_lr_ratio": (lambda 
             "eval.temperature": (lambda v: v > 0, "> 0")}
 
 
-def _get(cfg, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+def get_key(cfg, dotted: str):
+    """``get_key(cfg, "train.lr")``: a config value by its dotted key."""
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _check_ranges(cfg) -> None:
     for key, low in AT_LEAST.items():
-        if _get(cfg, key) < low:
-            raise ConfigError(f"{key} must be >= {low}, got {_get(cfg, key)}")
+        if get_key(cfg, key) < low:
+            raise ConfigError(f"{key} must be >= {low}, got {get_key(cfg, key)}")
     for key, (ok, text) in IN_RANGE.items():
-        if not ok(_get(cfg, key)):
-            raise ConfigError(f"{key} must be {text}, got {_get(cfg, key)}")
+        if not ok(get_key(cfg, key)):
+            raise ConfigError(f"{key} must be {text}, got {get_key(cfg, key)}")
     if cfg.data.num_samples and cfg.data.source not in PROCEDURAL_SOURCES:
         raise ConfigError(f"data.num_samples sizes a procedural source ({', '.join(PROCEDURAL_SOURCES)}); "
                           f"data.source={cfg.data.source} reads its samples from files: use data.fraction "

@@ -60,6 +60,10 @@ class SkipLog:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def reasons(self) -> str:
+        """One line: ``"3 missing file, 1 corrupt image"`` ("" when nothing was skipped)."""
+        return ", ".join(f"{n} {r}" for r, n in self.counts.most_common())
+
     def summary(self) -> str:
         lines = [f"skipped {self.total} sample(s):"] if self.counts else ["no samples skipped"]
         for reason, n in self.counts.most_common():

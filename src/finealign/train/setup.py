@@ -149,7 +149,7 @@ def build_tokenizer(cfg: Config, run_dir: Path, skips: SkipLog):
     log.info("training a %d-token BPE tokenizer on the training captions", cfg.tokenizer.vocab_size)
     tok = Tokenizer.train(captions(), vocab_size=cfg.tokenizer.vocab_size, lowercase=cfg.tokenizer.lowercase)
     if not count:
-        why = ", ".join(f"{n} {r}" for r, n in read.counts.most_common()) or "it is empty"
+        why = read.reasons() or "it is empty"
         raise ValueError(f"no training captions to build a tokenizer from: split {cfg.data.train!r} of data.source="
                          f"{cfg.data.source} (data.root={cfg.data.root}) gave none (skipped: {why})")
     tok.save(own)

@@ -299,7 +299,7 @@ def write_split_shards(cfg: DataConfig, split: str, pattern: str, maxcount: int 
                              image_format=image_format, skips=write)
         read.update(write)
         if seen - write.total <= 0:
-            why = ", ".join(f"{n} {r}" for r, n in read.counts.most_common()) or "the split is empty"
+            why = read.reasons() or "the split is empty"
             raise ValueError(f"split {split!r} of {cfg.source} gave no sample to write (skipped: {why}); "
                              f"nothing written to {out_dir}")
         for old in existing:
