@@ -108,13 +108,14 @@ def load_export(path: str | Path, device: str | torch.device = "cpu"):
     if (p / MARKER).is_file():
         try:
             marker = json.loads((p / MARKER).read_text())
-            if isinstance(marker, dict) and marker.get("incomplete"):
-                raise ExportError(f"{p}: the export into it was interrupted (files may be mixed); run "
-                                  f"`finealign export CHECKPOINT {p} --force` again")
+        except ValueError as e:
+            raise ExportError(f"{p / MARKER} is corrupt: {e}") from None
+        if isinstance(marker, dict) and marker.get("incomplete"):
+            raise ExportError(f"{p}: the export into it was interrupted (files may be mixed); run "
+                              f"`finealign export CHECKPOINT {p} --force` again")
+        try:
             files = marker["files"]
-        except (ValueError, KeyError, TypeError) as e:
-            if isinstance(e, ExportError):
-                raise
+        except (KeyError, TypeError) as e:
             raise ExportError(f"{p / MARKER} is corrupt: {e}") from None
         if marker.get("format") != FORMAT:
             raise ExportError(f"{p / MARKER}: not a finealign export (format {marker.get('format')!r})")

@@ -17,9 +17,12 @@ from .inputs import AblationDir, RunDir
 log = logging.getLogger("finealign")
 GAP_KEYS = ["n_pairs", "embed_dim", "centred_var", "uncentred_var", "suggested_noise_var", "mean_shift_sq",
             "gap_norm", "pair_cos_mean", "nonpair_cos_mean", "skewness", "excess_kurtosis"]
+#: entries of an eval results file that are not a task's metrics
+NOT_TASKS = ("skipped", "timing", "evaluated_on")
 
 
-def _stem(run: RunDir) -> str:
+def _stem(run: RunDir | AblationDir) -> str:
+    """The input's display name (``seed0``, ``runs/ab1``, ``ab1 (2)``) as one file-name component."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in run.name)
 
 
@@ -53,7 +56,7 @@ def eval_section(run: RunDir) -> Section:
         rel = path.relative_to(run.path) if path.is_relative_to(run.path) else path
         sec.html(f"<h4>{esc(rel)}</h4>")
         for task, vals in res.items():
-            if isinstance(vals, dict) and task not in ("skipped", "timing", "evaluated_on") and _scalars(vals):
+            if isinstance(vals, dict) and task not in NOT_TASKS and _scalars(vals):
                 sec.html(table([task, "value"], _scalars(vals), cls=f"eval eval-{task}"))
         for note in [n for v in res.values() if isinstance(v, dict) for n in v.get("notes", [])]:
             sec.text(f"note: {note}", "muted")
@@ -182,7 +185,7 @@ def comparison_section(runs: list[RunDir], out_dir: Path, title: str = "Runs com
     keys = []
     for res in latest:
         for task, vals in res.items():
-            if isinstance(vals, dict) and task not in ("skipped", "timing", "evaluated_on"):
+            if isinstance(vals, dict) and task not in NOT_TASKS:
                 keys += [(task, k) for k, v in vals.items() if isinstance(v, (int, float))
                          and not isinstance(v, bool) and (task, k) not in keys]
     if keys:
@@ -202,7 +205,7 @@ def ablation_sections(ab: AblationDir, out_dir: Path, member_runs: list[RunDir],
     sec.html(tab)
     for line in rest:
         sec.text(line, "muted")
-    stem = _file_name(ab.name)
+    stem = _stem(ab)
     png = plots.ablation_bars(res["rows"], [(k, h) for _, k, h in METRICS], out_dir / f"{stem}_bars.png")
     if png:
         sec.image(png, "ablation metrics: mean ± std over seeds per recipe")
@@ -216,8 +219,3 @@ def ablation_sections(ab: AblationDir, out_dir: Path, member_runs: list[RunDir],
         out.append(comparison_section(member_runs, out_dir, f"Runs of {ab.name} compared", f"{stem}_runs",
                                       groups=[r.name.split("/")[0] for r in member_runs]))
     return out
-
-
-def _file_name(name: str) -> str:
-    """A display name (``runs/ab1``, ``ab1 (2)``) as one file-name component."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
