@@ -1,5 +1,6 @@
 """Multi-process training under the real launcher: ``torchrun --nproc_per_node 2 -m finealign train ...``
 (gloo on CPU) gives the losses and the updated weights of one process on the concatenated batch."""
+import os
 import subprocess
 import sys
 
@@ -102,6 +103,36 @@ def test_step_gather_layout_single_process():
     assert StepGather(1, 2, with_grad=True).loss_scale == 1.0
     same = torch.ones(4, 2)
     assert StepGather()("y", same, 0)[0] is same                      # nothing to gather: identity
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_exit_process_flushes_and_skips_the_shutdown_only_after_a_group(started):
+    """After a multi-rank run the command ends with os._exit (no interpreter shutdown, where gloo's leftover
+    worker threads can abort the process): the status, the buffered stdout and the log still arrive, and
+    atexit handlers do not run. A single-process command exits normally, atexit included."""
+    code = ("import atexit, logging, sys; from finealign import distributed as D\n"
+            "atexit.register(lambda: sys.stdout.write(' atexit'))\n"
+            f"D._started_group = {started}\n"
+            "logging.basicConfig(format='%(message)s'); logging.getLogger('x').warning('logged')\n"
+            "sys.stdout.write('buffered'); D.exit_process(3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}      # stdout to a pipe: buffered
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 3
+    assert res.stdout == ("buffered" if started else "buffered atexit")
+    assert res.stderr.strip() == "logged"
+
+
+def test_a_torchrun_group_makes_the_command_skip_the_shutdown(tmp_path):
+    """Under a real 2-rank torchrun, init_distributed marks the process, so exit_process skips atexit."""
+    script = tmp_path / "ranks.py"
+    script.write_text("import atexit, os, pathlib; from finealign import distributed as D\n"
+                      f"out = pathlib.Path({str(tmp_path)!r}) / ('atexit_' + os.environ['RANK'])\n"
+                      "atexit.register(out.touch)\n"
+                      "D.init_distributed(device='cpu'); D.barrier(); D.exit_process(0)\n")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not list(tmp_path.glob("atexit_*"))
 
 
 def test_batch_must_split_into_ranks_and_micro_batches(tmp_path):

@@ -9,14 +9,18 @@ Gathers take tensors whose first dimension may differ between ranks (a rank whos
 sample): sizes are exchanged first and rows padded to the largest, then trimmed. ``all_gather_with_grad``
 is autograd-aware: the backward pass sums every rank's gradient for this rank's rows
 (``torch.distributed.nn``), which is what open_clip's ``gather_with_grad`` does.
+
+A command-line process that started a process group ends through ``exit_process`` (see there): gloo's
+worker threads outlive the group and must not be running when the interpreter shuts down.
 """
 from __future__ import annotations
 
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -26,7 +30,7 @@ from torch import Tensor
 log = logging.getLogger("finealign")
 
 __all__ = ["DistInfo", "all_gather", "all_gather_object", "all_gather_with_grad", "all_reduce_mean",
-           "barrier", "broadcast_object", "broadcast_tensor", "destroy", "get_rank", "get_world_size", "info", "init_distributed",
+           "barrier", "broadcast_object", "broadcast_tensor", "destroy", "exit_process", "get_rank", "get_world_size", "info", "init_distributed",
            "is_main"]
 
 
@@ -66,6 +70,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    global _started_group
+    _started_group = True
     log.info("torch.distributed: rank %d of %d (%s)", env.rank, env.world_size, backend)
     return info()
 
@@ -90,13 +96,41 @@ def is_main() -> bool:
 
 
 def destroy(sync: bool = False) -> None:
-    """Leave the process group. ``sync`` (after work every rank finished): a barrier first, so no rank
-    tears its group down while another still has a collective in flight (seen once as a gloo abort at
-    the exit of a 2-rank test run on a loaded machine). Not on error paths: a peer may be elsewhere."""
+    """Leave the process group. ``sync`` (after work every rank finished): a barrier first, so the ranks
+    leave together. Not on error paths: a peer may be elsewhere. The group's gloo threads may outlive
+    this call (see ``exit_process``)."""
     if dist.is_available() and dist.is_initialized():
         if sync and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+_started_group = False          # this process called init_process_group (a multi-rank torchrun run)
+
+
+def exit_process(rc: int) -> NoReturn:
+    """End the ``finealign`` command with status ``rc``. After a multi-rank run: flush stdout, stderr and
+    the log handlers, then ``os._exit`` without the interpreter's shutdown; otherwise ``sys.exit``.
+
+    Why: gloo's worker threads outlive ``destroy_process_group`` whenever DDP or an autograd collective
+    (``torch.distributed.nn``) was used: both keep the group referenced from C++, so its threads are never
+    joined. Such a thread drops the last collectives' work objects just after their waiters return, and
+    those hold tensors owned by Python objects, so it needs the GIL. If the main thread is already
+    finalizing the interpreter then, Python ends the thread from inside a C++ destructor and the process
+    aborts ("terminate called without an active exception", SIGABRT) after a run that succeeded. A core dump
+    of such a rank showed exactly that: the main thread in ``Py_FinalizeEx``, a ``pt_gloo_runloop``
+    thread in ``~AsyncBarrierWork`` → ``~AsyncAllgatherWork`` → ``decref_pyobject`` → ``take_gil``. About
+    1 in 7 two-rank CPU runs hit it on a loaded machine. Everything the command writes is closed by then
+    (checkpoints, metrics, results), so skipping the shutdown loses nothing."""
+    if not _started_group:
+        sys.exit(rc)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):            # a closed pipe: nothing left to deliver
+            pass
+    logging.shutdown()
+    os._exit(rc)
 
 
 def barrier() -> None:
