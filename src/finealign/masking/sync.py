@@ -5,7 +5,7 @@ layer, averaged over heads; the cls column already removed), the text and which 
 masked. With ``M`` the number of patches to mask (``patches`` ratio of N, as for every patch masker):
 
 1. word score ``s_j`` = attention mass word j puts on its ``M`` most attended patches
-   (sum of the M largest entries of row j);
+   (sum of the M largest entries of row j; with ``patches=0``, its single most attended one);
 2. the top ``words`` ratio of the maskable words by ``s_j`` are masked (``select_words``);
 3. patch score ``p_i`` = attention the selected words put on patch i (sum over the selected rows);
    the ``M`` highest-scoring patches are masked.
