@@ -111,7 +111,7 @@ _MAX_PAIRS_PER_ROW = 64
 
 def _correct_keys(query_label: Tensor, key_label: Tensor) -> tuple[Tensor, Tensor] | None:
     """Keys with each query's label: ``(idx (Q, m) long, valid (Q, m) bool)``, m = the most keys any query
-    has (at least 1); padding repeats the query's first correct key (index 0 if it has none) and is
+    has (at least 1); padding repeats the query's last correct key (index 0 if it has none) and is
     marked invalid. None when the table would be large (m > _MAX_PAIRS_PER_ROW and Q*m > Q + K)."""
     Q, K = query_label.shape[0], key_label.shape[0]
     device = key_label.device

@@ -65,13 +65,21 @@ def _ban(logits: Tensor, ids: list[int]) -> Tensor:
     return logits
 
 
-def _top_p_sample(logits: Tensor, top_p: float, temperature: float, generator) -> Tensor:
-    probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)           # (N, V)
+def top_p_sample(logits: Tensor, top_p: float, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Nucleus sampling, one token per row of ``logits`` (N, V) (log-probabilities work alike): the
+    distribution ``softmax(logits / temperature)`` cut to the smallest set of most likely tokens whose
+    mass reaches ``top_p`` (the top token always stays), renormalised. The draw runs where ``generator``
+    lives. Shared by the CoCa decoder and MacCap's language model."""
+    probs = torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)   # (N, V)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     cum = sorted_p.cumsum(dim=-1)
-    sorted_p = sorted_p.masked_fill(cum - sorted_p > top_p, 0.0)            # keep the smallest nucleus >= p
-    pick = torch.multinomial(sorted_p, 1, generator=generator)               # (N, 1) index into sorted
-    return order.gather(1, pick).squeeze(1)                                  # (N,)
+    drop = cum - sorted_p >= top_p                                           # the tokens before already reach p
+    drop[:, 0] = False                                                       # the top token always stays
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    where = generator.device if generator is not None else sorted_p.device
+    pick = torch.multinomial(sorted_p.to(where), 1, generator=generator)     # (N, 1) index into sorted
+    return order.gather(1, pick.to(order.device)).squeeze(1)                 # (N,)
 
 
 def _sample_loop(step: Stepper, B: int, bos: int, eos: int, pad: int, max_new: int, banned: list[int],
@@ -142,7 +150,7 @@ def generate(model, images: Tensor, bos_id: int, eos_id: int, pad_id: int, strat
                             lambda logits: logits.argmax(dim=-1))
     if strategy == "top_p":
         return _sample_loop(Stepper(model, memory, use_cache), B, bos_id, eos_id, pad_id, max_new, banned,
-                            lambda logits: _top_p_sample(logits, top_p, temperature, generator))
+                            lambda logits: top_p_sample(logits, top_p, temperature, generator))
     if strategy == "beam":                                                   # B*K rows, image b -> rows b*K..
         return _beam_search(Stepper(model, memory, use_cache, group=beam_size), B, beam_size, bos_id, eos_id,
                             pad_id, max_new, banned)

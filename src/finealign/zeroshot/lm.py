@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.generation import top_p_sample
 from ..models.layers import Block, init_weights
 
 
@@ -145,11 +146,11 @@ def generate(lm, prefix: Tensor, start: Tensor, strategy: str = "beam", max_new_
     done = torch.zeros(B, dtype=torch.bool, device=prefix.device)
     out: list[list[int]] = [[] for _ in range(B)]
     for _ in range(max_new_tokens):
-        logp = _next_logp(lm, prefix, seq) / max(temperature, 1e-6)          # (B, V)
+        logp = _next_logp(lm, prefix, seq)                                     # (B, V)
         if strategy == "greedy":
             nxt = logp.argmax(-1)
         else:
-            nxt = _sample_top_p(logp, top_p, generator)
+            nxt = top_p_sample(logp, top_p, temperature, generator)
         for i in range(B):
             if not done[i]:
                 if int(nxt[i]) == lm.eos_id:
@@ -166,15 +167,6 @@ def _next_logp(lm, prefix: Tensor, seq: Tensor) -> Tensor:
     emb = torch.cat([prefix, lm.embed(seq).to(prefix.dtype)], dim=1)          # (B, P+s, D)
     mask = torch.ones(emb.shape[:2], dtype=torch.bool, device=emb.device)
     return F.log_softmax(lm.logits(emb, mask)[:, -1].float(), dim=-1)         # (B, V)
-
-
-def _sample_top_p(logp: Tensor, top_p: float, generator) -> Tensor:
-    probs = logp.exp()
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    keep = sorted_p.cumsum(-1) - sorted_p < top_p                               # always keeps the top token
-    sorted_p = sorted_p * keep
-    pick = torch.multinomial((sorted_p / sorted_p.sum(-1, keepdim=True)).cpu(), 1, generator=generator)
-    return idx.gather(1, pick.to(idx.device))[:, 0]
 
 
 def _beam(lm, prefix: Tensor, start: Tensor, max_new_tokens: int, beam_size: int) -> list[int]:
