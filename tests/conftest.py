@@ -7,6 +7,7 @@ suite ran on one thread (test_maccap's colour test: 193 s there, 117 s alone). B
 each test.
 
 ``shapes_clip``: one trained CLIP for the tests that need a trained one (trained once per session).
+``one_thread``: tests of tiny tensors on one thread. ``semi_hard_star``: the hand-built embeddings of the semi-hard sampler tests.
 """
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ def _restore_torch_process_settings():
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: intra-op threads only add latency (badly so on a loaded machine). The fixture above
+    puts the count back."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +45,26 @@ def shapes_clip(tmp_path_factory):
     trainer = Trainer(cfg, progress=False)
     trainer.train()
     return trainer
+
+
+def _semi_hard_star(seed: int = 0, n: int = 10):
+    """Embeddings around epoch 0's first seed s of ``SemiHardBatchSampler(seed=seed)``: sample j has similarity
+    c_j to s and c_i * c_j to sample i (an own orthogonal direction each); the 0.88 one shares the seed's
+    item. Returns (x (n, n+1), items, s, {c: index})."""
+    s = int(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[0])
+    others = [j for j in range(n) if j != s]
+    c = dict(zip(others, [0.45, 0.97, 0.6, 0.85, 0.35, 0.93, 0.75, 0.88, 0.2]))   # similarity to the seed
+    at = {v: j for j, v in c.items()}
+    items = list(range(n))
+    items[at[0.88]] = items[s]
+    x = torch.zeros(n, n + 1)
+    x[s, 0] = 1.0
+    for j in others:
+        x[j, 0], x[j, j + 1] = c[j], (1 - c[j] ** 2) ** 0.5
+    return x, items, s, at
+
+
+@pytest.fixture
+def semi_hard_star():
+    """The builder ``(seed=0, n=10) -> (x, items, s, at)`` of ``_semi_hard_star``."""
+    return _semi_hard_star

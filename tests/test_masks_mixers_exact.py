@@ -26,12 +26,7 @@ from finealign.types import Sample
 P, G = 4, 8          # patch size, grid side (images 32 x 32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ patch masks
@@ -179,29 +174,13 @@ def test_semi_hard_mask_band_edges_are_inclusive_and_upper_caps_the_band():
 
 # ------------------------------------------------------------------------------ semi-hard sampler
 
-def _star(seed: int, n: int = 10):
-    """Sample j has similarity c_j to epoch 0's first seed s and c_i * c_j to sample i (own orthogonal
-    direction each); the 0.88 one shares the seed's item. Returns (x, items, s, {c: index})."""
-    s = int(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[0])
-    others = [j for j in range(n) if j != s]
-    c = dict(zip(others, [0.45, 0.97, 0.6, 0.85, 0.35, 0.93, 0.75, 0.88, 0.2]))
-    at = {v: j for j, v in c.items()}
-    items = list(range(n))
-    items[at[0.88]] = items[s]
-    x = torch.zeros(n, n + 1)
-    x[s, 0] = 1.0
-    for j in others:
-        x[j, 0], x[j, j + 1] = c[j], (1 - c[j] ** 2) ** 0.5
-    return x, items, s, at
-
-
-def test_semi_hard_candidate_budget_counts_only_in_band_neighbours():
+def test_semi_hard_candidate_budget_counts_only_in_band_neighbours(semi_hard_star):
     """candidates=2: the two nearest *in-band* neighbours are 0.88 (same item as the seed) and 0.85;
     the 0.93 one lies above the band and must not use up the budget. So the batch is the seed, the
     0.85 one, then the first unused sample in permutation order that passes the hard rules."""
     n, seed = 10, 0
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    x, items, s, at = _star(seed)
+    x, items, s, at = semi_hard_star(seed)
     sim = x @ x.T
     members = [s, at[0.85]]
     for j in perm[1:]:                                   # fill: permutation order, hard rules only
@@ -215,10 +194,10 @@ def test_semi_hard_candidate_budget_counts_only_in_band_neighbours():
     assert next(iter(sampler)) == members
 
 
-def test_semi_hard_sampler_band_above_upper_still_excludes_near_duplicates():
+def test_semi_hard_sampler_band_above_upper_still_excludes_near_duplicates(semi_hard_star):
     """band (0.3, 0.99) with upper 0.95: the 0.97 neighbour is a near-duplicate, never a member; the
     nearest allowed ones are 0.93, then 0.88 (seed's item: skipped), then 0.85 (0.85 * 0.93 to 0.93)."""
-    x, items, s, at = _star(0)
+    x, items, s, at = semi_hard_star(0)
     sampler = SemiHardBatchSampler(x, items, 3, seed=0, upper=0.95, band=(0.3, 0.99))
     batch = next(iter(sampler))
     assert batch == [s, at[0.93], at[0.85]]

@@ -13,13 +13,7 @@ from finealign.data.samplers import (GroupedBatchSampler, SemiHardBatchSampler, 
 from finealign.types import Sample
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: intra-op threads only add latency (badly so on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grouped_data(n: int = 300, seed: int = 0):
@@ -316,23 +310,14 @@ def test_grouped_batches_spread_over_groups_per_batch():
                 left[g2[i]] -= 1
 
 
-def test_semi_hard_prefers_nearest_eligible_candidates():
+def test_semi_hard_prefers_nearest_eligible_candidates(semi_hard_star):
     """The seed's neighbours in the band are tried nearest first. Hand-built embeddings: sample j has
     similarity c_j to the seed and c_i * c_j to sample i (own orthogonal direction each). Around the seed:
     0.97 (near-duplicate) and 0.93 (above the band) are not candidates, 0.88 shares the seed's item, so
     the eligible in-band ones in order are 0.85, 0.75, 0.6, 0.45, 0.35 (0.2 is below the band); a batch of
     3 is [seed, the 0.85 one, the 0.75 one] (their similarity 0.6375 is in the band)."""
-    n, seed = 10, 0
-    s = int(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[0])   # epoch 0's first seed
-    others = [j for j in range(n) if j != s]
-    c = dict(zip(others, [0.45, 0.97, 0.6, 0.85, 0.35, 0.93, 0.75, 0.88, 0.2]))   # similarity to the seed
-    at = {v: j for j, v in c.items()}
-    items = list(range(n))
-    items[at[0.88]] = items[s]
-    x = torch.zeros(n, n + 1)
-    x[s, 0] = 1.0
-    for j in others:
-        x[j, 0], x[j, j + 1] = c[j], (1 - c[j] ** 2) ** 0.5
+    seed = 0
+    x, items, s, at = semi_hard_star(seed)
     sim = x @ x.T
     assert abs(sim[s, at[0.85]].item() - 0.85) < 1e-6 and abs(sim[at[0.85], at[0.75]].item() - 0.6375) < 1e-6
     sampler = SemiHardBatchSampler(x, items, 3, seed=seed, upper=0.95, band=(0.3, 0.9))
