@@ -46,7 +46,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def expand_shards(cfg: DataConfig, split: str) -> list[str]:
-    """Split value -> list of existing shard paths (raises FileNotFoundError if none)."""
+    """Split value -> list of shard paths, those missing included (the reader counts each as a "missing shard"
+    skip); raises FileNotFoundError when none of them exists."""
     value = split_value(cfg, split)
     root = Path(cfg.root).expanduser() if cfg.root else None
     rdir = root if root is not None and root.is_dir() else None
