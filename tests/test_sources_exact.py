@@ -48,6 +48,16 @@ def test_csv_blank_and_separator_only_lines_are_neither_rows_nor_skips(tmp_path)
     assert skips.samples["wrong field count"] == [f"{tmp_path / 'train.csv'}:7"]
 
 
+def test_csv_skip_names_the_line_a_multi_line_row_starts_on(tmp_path):
+    _png(tmp_path / "a.png")
+    # line 1 header, 2 row, 3-4 one row with a quoted two-line caption and a third field, 5 bad row
+    _write(tmp_path / "train.csv", 'filepath,title\na.png,ok\na.png,"two\nlines",extra\na.png\n')
+    skips = SkipLog()
+    samples = build_csv(DataConfig(source="csv", root=str(tmp_path)), "train", skips)
+    assert [s.captions for s in samples] == [["ok"]]
+    assert skips.samples["wrong field count"] == [f"{tmp_path / 'train.csv'}:{n}" for n in (3, 5)]
+
+
 # ---------------------------------------------------------------------------------------- jsonl
 
 def test_jsonl_blank_and_whitespace_lines_are_not_counted(tmp_path):

@@ -88,8 +88,9 @@ def _read_rows(path: Path, cfg: DataConfig, reader, delimiter: str, skips: SkipL
             raise SourceFormatError(str(err) + hint)
         cols[name] = header.index(name)
     i_img, i_cap = cols[cfg.image_key], cols[cfg.caption_key]
+    first = reader.line_num + 1              # the line the next row starts on (a quoted field may span lines)
     for row in reader:
-        where = f"{path}:{reader.line_num}"
+        where, first = f"{path}:{first}", reader.line_num + 1
         if not row or not any(c.strip() for c in row):
             continue  # blank line
         if len(row) != len(header):
