@@ -266,7 +266,7 @@ def cmd_train(args) -> int:
     run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)   # torchrun: every rank trains
     if D.is_main():
         print(f"run directory: {run_dir}")
-    D.destroy(sync=True)
+    D.destroy()                  # the trainer's last barrier has already brought the ranks together
     return 0
 
 

@@ -95,13 +95,10 @@ def is_main() -> bool:
     return info().rank == 0
 
 
-def destroy(sync: bool = False) -> None:
-    """Leave the process group. ``sync`` (after work every rank finished): a barrier first, so the ranks
-    leave together. Not on error paths: a peer may be elsewhere. The group's gloo threads may outlive
-    this call (see ``exit_process``)."""
+def destroy() -> None:
+    """Leave the process group (a local call, no collective). The group's gloo threads may outlive it
+    (see ``exit_process``)."""
     if dist.is_available() and dist.is_initialized():
-        if sync and dist.get_world_size() > 1:
-            dist.barrier()
         dist.destroy_process_group()
 
 
