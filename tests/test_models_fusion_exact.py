@@ -21,7 +21,7 @@ from finealign.config import load_config
 from finealign.masking.base import gather_tokens
 from finealign.models.factory import build_model
 from finealign.models.fusion import FusionEncoder, MLMHead
-from finealign.models.momentum import MomentumTeacher
+from finealign.models.momentum import FeatureQueue, MomentumTeacher
 from finealign.models.negatives import sample_hard_negatives
 from finealign.types import Batch
 
@@ -268,3 +268,16 @@ def test_teacher_in_another_dtype_still_follows_the_ema():
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_queue_counts_every_row_written_even_past_its_size_and_reloads_the_pointer():
+    """``count`` is rows ever written (a 5-row batch into 3 slots counts 5), not rows kept; the pointer
+    lands where the last kept row ended, and a reloaded queue continues from it."""
+    q = FeatureQueue(dim=1, size=3)
+    q.enqueue(torch.arange(5.0)[:, None])                  # keeps rows 2, 3, 4
+    assert int(q.count) == 5 and len(q) == 3
+    assert q.get().flatten().tolist() == [2.0, 3.0, 4.0]
+    fresh = FeatureQueue(dim=1, size=3)
+    fresh.load_state_dict(q.state_dict())
+    fresh.enqueue(torch.tensor([[7.0]]))                   # overwrites the oldest (2)
+    assert fresh.get().flatten().tolist() == [3.0, 4.0, 7.0] and int(fresh.count) == 6
