@@ -54,8 +54,13 @@ def reconstruction(image: torch.Tensor, pred: torch.Tensor, masked: torch.Tensor
 
 
 def _norm_pix(cfg) -> bool:
-    spec = cfg.objectives.get("tg_mim", {})
-    return bool(spec.get("norm_pix", True))
+    """Whether the model's pixel MIM objective (``tg_mim``, or the same loss under its generic name ``mim``)
+    predicts per-patch normalised pixels; the first one switched on decides (default True)."""
+    for name in ("tg_mim", "mim"):
+        spec = cfg.objectives.get(name) or {}
+        if spec and float(spec.get("weight", 1.0) or 0) != 0:
+            return bool(spec.get("norm_pix", True))
+    return True
 
 
 def _shade(img: torch.Tensor, masked: torch.Tensor, p: int, g: int) -> torch.Tensor:

@@ -55,9 +55,8 @@ def sync_panels(model, tokenizer, cfg, image: torch.Tensor, text: str) -> dict:
         if "mim_teacher_logits" in extras:                                        # semantic targets
             out["prototypes"] = {"student": pred.argmax(-1), "teacher": extras["mim_teacher_logits"][0].argmax(-1)}
         else:
-            from .viz import reconstruction
-            norm_pix = bool(cfg.objectives.get("mim", {}).get("norm_pix", True))
-            out["reconstruction"] = reconstruction(image, pred, mim.masked[0], p, g, norm_pix)
+            from .viz import _norm_pix, reconstruction
+            out["reconstruction"] = reconstruction(image, pred, mim.masked[0], p, g, _norm_pix(cfg))
     return out
 
 
