@@ -215,6 +215,8 @@ def _coerce(v: Any, typ: Any, key: str) -> Any:
             return float(v)
         except ValueError:
             raise ConfigError(f"config key '{key}' expects a number, got {v!r}") from None
+    if typ is float:                          # a bool, list, mapping or null is not a number
+        raise ConfigError(f"config key '{key}' expects a number, got {v!r}")
     if typ is int and isinstance(v, bool):
         raise ConfigError(f"config key '{key}' expects an integer, got {v!r}")
     if typ in (int, bool, str) and not isinstance(v, typ):
