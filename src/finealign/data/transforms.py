@@ -98,7 +98,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
-        return _composite_on_white(img)
+        # premultiplied "La" has no direct RGBA conversion in PIL: un-premultiply to "LA" first
+        return _composite_on_white(img.convert("LA") if mode == "La" else img)
     if mode == "P":
         if "transparency" in img.info:
             return _composite_on_white(img.convert("RGBA"))
