@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import random
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from finealign.config import DataConfig
 from finealign.data.loader import (FractionStream, PairDataset, Skipped, TrainLoader, apply_fraction,
@@ -26,21 +24,11 @@ from finealign.data.streaming import StreamBatches, _shuffled, stream_mode
 from finealign.data.tokenizer import Tokenizer
 from finealign.data.transforms import ImageTransform
 from finealign.types import Sample
+from test_sharding import Pattern      # picklable deterministic 10x10 image whose colours depend on i
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 S = 8
 
-
-class Pattern:
-    """Picklable deterministic 10x10 image whose colours depend on ``i``."""
-
-    def __init__(self, i: int):
-        self.i = i
-
-    def __call__(self):
-        y, x = np.mgrid[0:10, 0:10]
-        return Image.fromarray(np.stack([(x * 20 + self.i * 7) % 256, (y * 15 + self.i * 13) % 256,
-                                         np.full_like(x, (self.i * 31) % 256)], -1).astype(np.uint8))
 
 
 class Missing:
