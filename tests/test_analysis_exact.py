@@ -347,3 +347,28 @@ def test_one_endoftext_token_as_pad_bos_and_eos_still_decodes():
     ids, mask = t.encode("red circle", 6)
     assert ids.tolist() == [0, 1, 2, 0, 0, 0] and mask.tolist() == [True] * 4 + [False] * 2
     assert t.decode(ids) == "red circle"
+
+
+def test_sync_panels_show_the_teachers_prototypes_beside_the_students():
+    """SemMIM's panel colours each masked patch by the teacher's prototype (the target) and by the student's
+    prediction. Moving only the teacher's prototype head leaves the masked patches (relevance reads the
+    teacher's fusion layers) and the student's ids unchanged and must change the teacher's ids."""
+    from finealign.analysis.viz_sync import sync_panels
+    from finealign.config import load_config
+    from finealign.models.factory import build_model
+    torch.manual_seed(0)
+    cfg = load_config("semmim", ["model.preset=tiny"])
+    tok = Tokenizer.train(["a red heart", "two blue squares"], 300)
+    model = build_model(cfg.model, tok.vocab_size)
+    image = torch.randn(3, cfg.model.image_size, cfg.model.image_size, generator=torch.Generator().manual_seed(1))
+    panels = []
+    for seed in (2, 3):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.teacher.module.proto_head.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        panels.append(sync_panels(model, tok, cfg, image, "a red heart"))
+    a, b = panels
+    assert torch.equal(a["mim"].masked, b["mim"].masked) and a["mim"].masked.numel() > 0
+    assert torch.equal(a["prototypes"]["student"], b["prototypes"]["student"])
+    assert not torch.equal(a["prototypes"]["teacher"], b["prototypes"]["teacher"])
