@@ -13,7 +13,6 @@ added special tokens of a foreign tokenizer.json.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from finealign.analysis.plot_study import study_series
 from finealign.analysis.viz import _norm_pix, _shade, reconstruction, unpatchify
 from finealign.analysis.viz_prototypes import patch_crop, prototype_counts, prototype_logits
 from finealign.analysis.viz_sync import prototype_overlay
+from finealign.config_schema import Config
 from finealign.data.tokenizer import Tokenizer
 from finealign.objectives.tg_mim import normalize_patches, patchify
 
@@ -140,8 +140,8 @@ def test_shade_greys_the_masked_patch_in_raster_order():
 
 
 def test_norm_pix_defaults_to_true():
-    assert _norm_pix(SimpleNamespace(objectives={})) is True
-    assert _norm_pix(SimpleNamespace(objectives={"tg_mim": {}})) is True
+    assert _norm_pix(Config(objectives={})) is True
+    assert _norm_pix(Config(objectives={"tg_mim": {}})) is True
 
 
 @pytest.mark.parametrize("recipe, key", [("mim", "mim"), ("sycoca", "tg_mim"), ("syncmask", "mim")])
@@ -151,7 +151,7 @@ def test_norm_pix_follows_whichever_pixel_mim_objective_the_recipe_trains(recipe
     from finealign.config import load_config
     assert _norm_pix(load_config(recipe)) is True
     assert _norm_pix(load_config(recipe, [f"objectives.{key}.norm_pix=false"])) is False
-    assert _norm_pix(SimpleNamespace(objectives={"tg_mim": {"norm_pix": False}})) is False
+    assert _norm_pix(Config(objectives={"tg_mim": {"norm_pix": False}})) is False
 
 
 def test_mask_panels_ic_keeps_most_relevant_and_mim_masks_most_relevant(one_thread):

@@ -68,8 +68,7 @@ def check(cfg) -> None:
     if m.mim_target == "semantic" and not (m.arch == "fusion" and m.prototypes > 0 and m.momentum > 0):
         raise ConfigError("model.mim_target=semantic needs model.arch: fusion, model.prototypes > 0 and "
                           "model.momentum > 0 (targets come from the teacher's prototype head)")
-    if m.mim_target == "semantic" and any(float(cfg.objectives.get(k, {}).get("weight", 1.0)) != 0
-                                          for k in ("mim", "tg_mim") if k in cfg.objectives):
+    if m.mim_target == "semantic" and {"mim", "tg_mim"} & set(cfg.active_objectives()):
         raise ConfigError("model.mim_target=semantic predicts prototype logits: use objectives.semantic_mim, "
                           "not the pixel objectives mim / tg_mim")
     if m.prototypes and m.arch != "fusion":

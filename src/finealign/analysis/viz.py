@@ -56,10 +56,10 @@ def reconstruction(image: torch.Tensor, pred: torch.Tensor, masked: torch.Tensor
 def _norm_pix(cfg) -> bool:
     """Whether the model's pixel MIM objective (``tg_mim``, or the same loss under its generic name ``mim``)
     predicts per-patch normalised pixels; the first one switched on decides (default True)."""
+    active = cfg.active_objectives()
     for name in ("tg_mim", "mim"):
-        spec = cfg.objectives.get(name) or {}
-        if spec and float(spec.get("weight", 1.0) or 0) != 0:
-            return bool(spec.get("norm_pix", True))
+        if name in active:
+            return bool(active[name].get("norm_pix", True))
     return True
 
 
