@@ -109,14 +109,15 @@ def test_answer_decodes_each_question_after_its_own_image_prefix(maccap, monkeyp
 
 class _TableLM:
     """A fake LM for decoding: the next-token log-probabilities depend only on the last input token.
-    Tokens: 0 = EOS, 1 = "a", 2 = "b", 3 = BOS; embeddings are one-hot, so a zero prefix row adds nothing."""
+    Tokens: 0 = EOS, 1 = "a", 2 = "b", 3 = BOS; embeddings are one-hot, so a zero prefix row adds nothing.
+    ``offset`` adds a constant per row (unnormalised logits). test_zeroshot_exact uses it too."""
     eos_id = 0
 
-    def __init__(self, rows: dict[int, list[float]]):
+    def __init__(self, rows: dict[int, list[float]], offset: list[float] | None = None):
         table = torch.full((4, 4), 0.25)
         for tok, p in rows.items():
             table[tok] = torch.tensor(p)
-        self.table = table.log()
+        self.table = table.log() + (torch.tensor(offset)[:, None] if offset is not None else 0.0)
 
     def embed(self, ids):
         return F.one_hot(ids, 4).float()
@@ -125,13 +126,16 @@ class _TableLM:
         return embeds @ self.table                                              # (B, L, 4)
 
 
+BEAM_ROWS = {3: [math.exp(-1.0), math.exp(-0.5), 1 - math.exp(-1.0) - math.exp(-0.5) - 1e-6, 1e-6],
+             1: [math.exp(-0.6), 0.4, 1 - math.exp(-0.6) - 0.4 - 1e-6, 1e-6]}
+
+
 def test_beam_search_ranks_finished_captions_by_mean_log_probability():
     """From BOS: EOS has log-prob -1.0, "a" -0.5; after "a": EOS -0.6, "a" log 0.4. Finished hypotheses,
     EOS included in the length: [] -> -1.0 / 1; [a] -> -1.1 / 2 = -0.55; the open [a, a] -> -1.416 / 2.
     Length-normalised, [a] wins (by the raw sum [] would)."""
     from finealign.zeroshot.lm import generate
-    lm = _TableLM({3: [math.exp(-1.0), math.exp(-0.5), 1 - math.exp(-1.0) - math.exp(-0.5) - 1e-6, 1e-6],
-                   1: [math.exp(-0.6), 0.4, 1 - math.exp(-0.6) - 0.4 - 1e-6, 1e-6]})
+    lm = _TableLM(BEAM_ROWS)
     prefix, start = torch.zeros(1, 2, 4), torch.tensor([[3]])
     assert generate(lm, prefix, start, "beam", max_new_tokens=5, beam_size=2) == [[1]]
     assert generate(lm, prefix, start, "greedy", max_new_tokens=5) == [[1]]

@@ -41,6 +41,8 @@ from finealign.models.negatives import sample_hard_negatives
 from finealign.models.prototypes import PrototypeHead
 from finealign.models.pta import PTAHead
 
+from test_pipeline_exact import _decoder     # a 1-layer image decoder with large random weights
+
 # ---------------------------------------------------------------- hard negatives
 
 
@@ -131,15 +133,6 @@ def test_build_image_decoder_wires_mim_text_and_text_from():
     assert not any(b.has_cross for b in ImageDecoder(4, 4, 8, 2, 2, 3, text_width=5, text_from=2).blocks)
     with pytest.raises(ValueError, match=r"text_from=3 must be in \[0, 2\]"):
         ImageDecoder(4, 4, 8, 2, 2, 3, text_width=5, text_from=3)
-
-
-def _decoder():
-    torch.manual_seed(0)
-    dec = ImageDecoder(num_patches=6, encoder_width=4, width=8, layers=1, heads=2, patch_dim=3, text_width=5).eval()
-    with torch.no_grad():
-        for p in dec.parameters():
-            p.normal_(0.0, 0.5)
-    return dec
 
 
 @torch.no_grad()

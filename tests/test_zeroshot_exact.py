@@ -7,13 +7,13 @@ and with no finished hypothesis, the Hugging Face LM's tokenize / decode, and th
 norm and learnt queries. Expected values are worked out from the definitions on tiny inputs."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from finealign.zeroshot.features import rerank, subregion_features
+
+from test_eval_exact import BEAM_ROWS, _TableLM      # fake LM: next token from the last token only
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,24 +160,6 @@ def test_prompt_ids_are_bos_and_the_prompt_cut_to_context_minus_two(mc, tok):
 # ---------------------------------------------------------------- decoding
 
 
-class _TableLM:
-    """Next-token scores depend only on the last input token (one-hot embeddings @ table). Tokens:
-    0 = EOS, 1 = "a", 2 = "b", 3 = BOS. ``offset`` adds a constant per row (unnormalised logits)."""
-    eos_id = 0
-
-    def __init__(self, rows, offset=None):
-        table = torch.full((4, 4), 0.25)
-        for t, p in rows.items():
-            table[t] = torch.tensor(p)
-        self.table = table.log() + (torch.tensor(offset)[:, None] if offset is not None else 0.0)
-
-    def embed(self, ids):
-        return F.one_hot(ids, 4).float()
-
-    def logits(self, embeds, mask):
-        return embeds @ self.table
-
-
 def test_generate_decodes_each_row_from_its_own_start_and_stops_it_at_eos():
     """Row 0 starts at BOS (-> EOS at once), row 1 at "b" (-> "a" -> EOS). After EOS a row adds nothing
     more, although from EOS the table would pick "b"."""
@@ -196,8 +178,7 @@ def test_beam_search_normalises_the_logits_first():
     but the logits after "a" are offset by -10: log-softmax removes the offset and [a] still wins;
     raw logits would score [a] (-0.5 - 10.6) / 2 and pick []."""
     from finealign.zeroshot.lm import generate
-    lm = _TableLM({3: [math.exp(-1.0), math.exp(-0.5), 1 - math.exp(-1.0) - math.exp(-0.5) - 1e-6, 1e-6],
-                   1: [math.exp(-0.6), 0.4, 1 - math.exp(-0.6) - 0.4 - 1e-6, 1e-6]}, offset=[0.0, -10.0, 0.0, 0.0])
+    lm = _TableLM(BEAM_ROWS, offset=[0.0, -10.0, 0.0, 0.0])
     assert generate(lm, torch.zeros(1, 2, 4), torch.tensor([[3]]), "beam", max_new_tokens=5, beam_size=2) == [[1]]
 
 
