@@ -85,6 +85,11 @@ class ContrastiveCaptioner(nn.Module):
 
     # ------------------------------------------------------------------ encoders
 
+    @property
+    def embed_dim(self) -> int:
+        """Width of the contrastive space (``embed`` of encode_image / encode_text), as FusionModel has."""
+        return self.cfg.embed_dim
+
     def get_logit_scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
