@@ -59,9 +59,11 @@ def embed_gallery(loaded, gallery: Gallery, batch_size: int = 64) -> torch.Tenso
 
 
 def pick_queries(gallery: Gallery, num: int) -> list[int]:
-    """``num`` gallery positions spread evenly over the gallery (each gives its first caption)."""
+    """``min(num, n)`` distinct gallery positions spread evenly over the n images, first and last included
+    (each gives its first caption)."""
     n = len(gallery.samples)
-    return sorted({round(i * (n - 1) / max(num - 1, 1)) for i in range(min(num, n))})
+    k = min(num, n)
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
 def _norm(text: str) -> str:
