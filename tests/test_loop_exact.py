@@ -302,3 +302,24 @@ def test_pick_device_cuda_takes_this_ranks_gpu(monkeypatch):
         pick_device("cuda:2")
     with pytest.raises(ConfigError, match="is not a device"):
         pick_device("gpu0")
+
+
+def test_blame_replays_each_micro_batch_with_its_own_mixing(tmp_path):
+    """A gradient that is NaN only under the 2nd micro-batch's mixing draw is still traced to its objective:
+    the replay mixes every micro-batch as the step did (seeded by step and micro-batch index)."""
+    t = tiny(tmp_path, "train.grad_accum=2", "train.skip_nonfinite=1", recipe="timix")
+    obj = t.objectives["mixed_itc"]
+    orig, lams = obj.forward, []
+
+    def forward(f, b, c):
+        r = orig(f, b, c)
+        lam = f.extras["mix_lambda"].detach().clone()
+        if len(lams) < 2:
+            lams.append(lam)                             # the step's own two micro-batches
+        if len(lams) == 2 and torch.equal(lam, lams[1]):
+            r = {**r, "loss": r["loss"] + torch.sqrt(0.0 * f.image_embed.sum())}   # finite loss, NaN gradient
+        return r
+    obj.forward = forward
+    out = t.train_step(next(iter(t.loader)))
+    assert not torch.equal(lams[0], lams[1])             # the two micro-batches are mixed differently
+    assert out["skipped"] == 1 and "objective 'mixed_itc' produced a non-finite gradient" in out["reason"]

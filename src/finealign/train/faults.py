@@ -44,10 +44,10 @@ def blame_gradient(trainer, micro) -> list[str]:
     blamed: list[str] = []
     try:
         with torch.random.fork_rng(devices=[]), trainer.autocast():
-            for mb in micro:
-                ctx = StepContext(step=trainer.step, total_steps=trainer.cfg.train.steps,
+            for j, mb in enumerate(micro):      # micro=j: the step's own seeded draws (masks, mixing)
+                ctx = StepContext(step=trainer.step, total_steps=trainer.cfg.train.steps, micro_index=j,
                                   steps_per_epoch=trainer.loader.batches_per_epoch or 0)
-                feats = trainer.pipeline(mb, step=trainer.step, micro=0)
+                feats = trainer.pipeline(mb, step=trainer.step, micro=j)
                 for name, obj in trainer.objectives.items():
                     if name in blamed:
                         continue
