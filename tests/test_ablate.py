@@ -1,6 +1,7 @@
 """Ablation runner: recipes x seeds at equal steps and data, mean ± std table, resume, CLI, format_table."""
 import argparse
 import json
+import shutil
 import statistics
 
 import pytest
@@ -94,6 +95,22 @@ def test_resume_does_not_retrain(study, monkeypatch):
     assert built == [] and [p.stat().st_mtime_ns for p in ckpts] == mtimes
     assert again["rows"] == res["rows"] and again["table"] == res["table"]
     assert all(r["reused"] for r in again["runs"])
+
+
+def test_resume_evaluates_again_a_run_that_lacks_a_task_asked_now(study, tmp_path):
+    """Asking for a task a finished run was not evaluated on re-evaluates it from its final checkpoint
+    (no training step); runs that hold every asked task are reused as they are."""
+    recipes, out, res = study
+    out = shutil.copytree(out, tmp_path / "out")        # the shared study stays as it was
+    ckpts = sorted(out.glob("*/seed*/checkpoints/step_*/model.safetensors"))
+    mtimes = [p.stat().st_mtime_ns for p in ckpts]
+    again = run_ablation(recipes, seeds=2, out_dir=out, tasks=["retrieval", "classify"], progress=False)
+    assert {(r["recipe"], r["reused"]) for r in again["runs"]} == {("a_clip", True), ("b_coca", False)}
+    assert [p.stat().st_mtime_ns for p in ckpts] == mtimes                      # not retrained
+    for seed in (0, 1):
+        coca = per_run(out, "b_coca", seed)
+        assert "classify" in coca and coca["tasks_asked"] == ["retrieval", "classify"]
+        assert coca["retrieval"] == per_run(study[1], "b_coca", seed)["retrieval"]   # same weights, same ranks
 
 
 def test_interrupted_run_continues_from_its_checkpoint(study):

@@ -18,8 +18,9 @@ from finealign.data.loader import build_source, unique_images
 from finealign.data.skips import SkipLog
 from finealign.data.transforms import ImageTransform
 from finealign.eval.runner import embed_texts
-from finealign.report import NotARunDir, build_report
+from finealign.report import NotARunDir, build_report, quick_eval
 from finealign.report.html import fmt
+from finealign.report.inputs import open_input
 from finealign.report.model_views import GREEN, GREY, RED, TOP, tile_box
 
 # shrunken model + 64 procedural shapes: each run trains 3 steps in a few seconds
@@ -161,6 +162,8 @@ def test_retrieval_grid_outlines_the_correct_image(sycoca_report):
     expected = [min(o.index(j) for j, s in enumerate(gallery) if q in s.captions) + 1
                 for q, o in zip(queries, order)]
     assert page.ranks == expected
+    hits = sum(r <= TOP for r in expected)
+    assert f"{hits}/5 queries have a correct image in their top 5." in page.sections["retrieval-text-top-5-images"]
     for q in queries:
         assert q in page.sections["retrieval-text-top-5-images"]
     with Image.open(grid) as im:
@@ -243,6 +246,9 @@ def test_run_without_checkpoints_gets_curves_and_cli_eval(study, tmp_path, capsy
     res = json.loads((run / "eval_test_report.json").read_text())
     assert res["report_eval"]["max_images"] == 16
     assert "eval_test_report.json" in parse(tmp_path / "e.html").sections["evaluation"]
+    # the report's cap wins over a larger eval.max_images of the run (16 here)
+    res = json.loads(quick_eval(open_input(run), None, False, max_images=8).read_text())
+    assert res["report_eval"]["max_images"] == 8 and res["num_images"] == 8
 
 
 def test_modality_gap_and_ablation_with_moved_runs(study, tmp_path):
