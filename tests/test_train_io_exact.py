@@ -102,6 +102,7 @@ def test_tied_weights_come_back_as_one_tensor(tmp_path):
     assert sd["head.weight"] is sd["emb.weight"]
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method. is deprecated:DeprecationWarning")   # torch's own import
 def test_compiled_model_is_saved_under_plain_names(tmp_path):
     torch.manual_seed(0)
     net = Tied()
