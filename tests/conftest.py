@@ -7,6 +7,7 @@ suite ran on one thread (test_maccap's colour test: 193 s there, 117 s alone). B
 each test.
 
 ``shapes_clip``: one trained CLIP for the tests that need a trained one (trained once per session).
+``tiny_clip``: an untrained tiny CLIP as ``finealign.load`` returns it (serve, interop and report pins).
 ``one_thread``: tests of tiny tensors on one thread. ``semi_hard_star``: the hand-built embeddings of the semi-hard sampler tests.
 """
 from __future__ import annotations
@@ -45,6 +46,26 @@ def shapes_clip(tmp_path_factory):
     trainer = Trainer(cfg, progress=False)
     trainer.train()
     return trainer
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """An untrained CLIP (1 layer, width 32, embed 16, seed 0) with a tokenizer trained on three shape captions,
+    wrapped as ``finealign.load`` returns it (``path``: a directory holding a meta.json). Tests must not
+    change it; building it leaves the global RNG as it was."""
+    from finealign.api import Loaded
+    from finealign.config import load_config
+    from finealign.data.tokenizer import Tokenizer
+    from finealign.models.factory import build_model
+    tok = Tokenizer.train(["a red circle", "a blue square", "two green triangles"] * 3, vocab_size=300)
+    cfg = load_config("clip", ["model.vision_width=32", "model.vision_layers=1", "model.text_width=32",
+                               "model.text_layers=1", "model.embed_dim=16", "model.text_pool=eos"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, tok.vocab_size, full=cfg, tokenizer=tok).eval()
+    d = tmp_path_factory.mktemp("tiny-clip")
+    (d / "meta.json").write_text('{"x": 1}')
+    return Loaded(model=model, tokenizer=tok, config=cfg, path=d)
 
 
 def _semi_hard_star(seed: int = 0, n: int = 10):

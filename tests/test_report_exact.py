@@ -6,10 +6,10 @@ with a step only), ``objectives``, ``read_metrics``' 1-based bad-line numbers, `
 ``open_input`` on a checkpoint directory / a run with only checkpoints, ``unique_names``; the plot helpers'
 prefix order, empty-panel removal, grid width and bar-chart selection; ``pick_queries`` (also when more are
 asked than there are images), ``tile_box``, the red sixth tile of the retrieval grid and a query's rank when two
-images share its caption (a tiny untrained CLIP); the eval / comparison / gap sections; ``default_out``, ``describe`` and
-``build_report``'s argument checks; ``summarize``' sample std, ``format_table``'s varied columns, ``footer``,
-and ablate's config checks (``_check_same`` with ``vary``, ``_flat``, ``_config_mismatch``, ``_check_tasks``,
-hidden recipe files, ``study_vary``, ``--seeds``, another study's --out, reserved overrides).
+images share its caption (``tiny_clip``, untrained); the eval / comparison / gap sections; ``default_out``,
+``describe`` and ``build_report``'s argument checks; ``summarize``' sample std, ``format_table``'s varied
+columns, ``footer``, and ablate's config checks (``_check_same`` with ``vary``, ``_flat``, ``_config_mismatch``,
+``_check_tasks``, hidden recipe files, ``study_vary``, ``--seeds``, another study's --out, reserved overrides).
 """
 import argparse
 import json
@@ -309,26 +309,18 @@ def test_recipe_files_study_vary_and_cli_checks(tmp_path):
     ablate._check_same_study(tmp_path / "o", tmp_path / "other")
 
 
-def test_retrieval_rank_is_the_best_ranked_image_the_query_describes():
+def test_retrieval_rank_is_the_best_ranked_image_the_query_describes(tiny_clip):
     """Two gallery images share a caption: the row's rank is that of the better-ranked one (1), not the other."""
     import torch
-    from finealign.api import Loaded
-    from finealign.data.tokenizer import Tokenizer
     from finealign.eval.runner import embed_texts
-    from finealign.models.factory import build_model
     from finealign.report.model_views import retrieval_rows
     from finealign.types import Sample
     caps = ["a red circle", "a blue square", "a red circle", "two green triangles"]
-    tok = Tokenizer.train(caps * 3, vocab_size=300)
-    cfg = load_config("clip", ["model.vision_width=32", "model.vision_layers=1", "model.text_width=32",
-                               "model.text_layers=1", "model.embed_dim=16"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, tok.vocab_size, full=cfg, tokenizer=tok).eval()
-    loaded = Loaded(model=model, tokenizer=tok, config=cfg, path=Path("."))
     gallery = Gallery([Sample(str(i), lambda: None, [c], image_id=i) for i, c in enumerate(caps)], [], 0)
-    q = embed_texts(model, tok, ["a red circle"], cfg.model.context_length, "cpu")[0]
+    m = tiny_clip
+    q = embed_texts(m.model, m.tokenizer, ["a red circle"], m.config.model.context_length, "cpu")[0]
     # scores for query "a red circle": image 2 first, then 1, then 3, then image 0 (also "a red circle") last
     img = torch.stack([0.1 * q, 0.8 * q, 1.0 * q, 0.5 * q])
-    row = retrieval_rows(loaded, gallery, img, num=1)[0]
+    row = retrieval_rows(m, gallery, img, num=1)[0]
     assert row["source"] == 0 and row["correct"] == [0, 2]
     assert row["top"] == [2, 1, 3, 0] and row["rank"] == 1 and row["best_correct"] == 2
