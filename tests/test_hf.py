@@ -18,7 +18,6 @@ from finealign.config import ConfigError, load_config  # noqa: E402
 from finealign.data.tokenizer import Tokenizer  # noqa: E402
 from finealign.interop.export import ExportError  # noqa: E402
 from finealign.interop.hf_clip import HFConversionError  # noqa: E402
-from finealign.interop.hf_text import fix_tokenizer  # noqa: E402
 from finealign.models.factory import build_model  # noqa: E402
 from finealign.train.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 
@@ -110,11 +109,22 @@ def _minilm_dir() -> Path:
     return d
 
 
+def test_minilm_tokenizer_json_neither_truncates_nor_pads_on_its_own():
+    """sentence-transformers' tokenizer.json truncates at 128 and pads to a fixed 128: finealign's own
+    layout wins, so a 300-word caption fills a 200-token context as [CLS] word x 198 [SEP]."""
+    tok = Tokenizer.load(_minilm_dir())
+    word = tok.hf.token_to_id("word")
+    ids, mask = tok.encode_batch(["word " * 300, "word"], 200)
+    assert ids.shape == (2, 200) and mask[0].all() and int(mask[1].sum()) == 3
+    assert ids[0, 0] == tok.bos_id and ids[0, -1] == tok.eos_id and (ids[0, 1:-1] == word).all()
+    assert (ids[1, 3:] == tok.pad_id).all()
+
+
 def test_minilm_text_tower_matches_transformers(tmp_path):
     d = _minilm_dir()
     cfg = load_config("clip", SMALL + ["model.text_tower=hf", f"model.text_path={d}", "model.text_pool=mean"])
     assert cfg.model.text_width == 384 and Path(cfg.tokenizer.path) == d
-    tok = fix_tokenizer(Tokenizer.load(cfg.tokenizer.path))
+    tok = Tokenizer.load(cfg.tokenizer.path)
     model = build_model(cfg.model, tok.vocab_size).eval()
     T = cfg.model.context_length
     ids, mask = tok.encode_batch(TEXTS, T)

@@ -34,7 +34,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", which: str = "lat
     """Load a run / checkpoint directory, an exported directory or a Hugging Face CLIPModel directory."""
     from .data.tokenizer import Tokenizer
     from .interop import model_dir_kind
-    from .interop.hf_text import fix_tokenizer
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist (expected a run or checkpoint directory, an export from "
@@ -65,7 +64,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", which: str = "lat
     tok_json = (state.get("extra") or {}).get("tokenizer_json")
     if not tok_json:
         raise ckpt.CheckpointError(f"{ck}: checkpoint carries no tokenizer")
-    tokenizer = fix_tokenizer(Tokenizer.from_str(tok_json))
+    tokenizer = Tokenizer.from_str(tok_json)
     model = build_model(cfg.model, tokenizer.vocab_size, full=cfg, tokenizer=tokenizer, pretrained=False)
     ckpt.load_weights(model, ck)
     model.to(device).eval()

@@ -103,7 +103,6 @@ def load_export(path: str | Path, device: str | torch.device = "cpu"):
     from ..data.tokenizer import Tokenizer
     from ..models.factory import build_model
     from ..train import checkpoint as ckpt
-    from .hf_text import fix_tokenizer
     p = Path(path)
     if (p / MARKER).is_file():
         try:
@@ -132,7 +131,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu"):
     except yaml.YAMLError as e:
         raise ExportError(f"{p / 'config.yaml'} is not valid YAML: {e}") from None
     cfg = from_dict(raw)
-    tokenizer = fix_tokenizer(Tokenizer.load(p)) if (p / "tokenizer.json").is_file() else None
+    tokenizer = Tokenizer.load(p) if (p / "tokenizer.json").is_file() else None
     if tokenizer is None and cfg.model.vocab_size <= 0:
         raise ExportError(f"{p / 'tokenizer.json'} is missing and the config has no model.vocab_size")
     model = build_model(cfg.model, tokenizer.vocab_size if tokenizer is not None else 0, full=cfg,

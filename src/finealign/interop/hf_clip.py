@@ -190,12 +190,11 @@ def load_hf_clip(path: str | Path, device: str | torch.device = "cpu"):
     from ..config import from_dict
     from ..data.tokenizer import Tokenizer
     from ..models.factory import build_model
-    from .hf_text import fix_tokenizer
     p = Path(path)
     model_cfg = clip_model_config(read_hf_config(p))
     tokenizer = None
     if (p / "tokenizer.json").is_file():
-        tokenizer = fix_tokenizer(Tokenizer.load(p))
+        tokenizer = Tokenizer.load(p)
         if tokenizer.vocab_size > model_cfg["vocab_size"]:
             raise HFConversionError(f"{p}/tokenizer.json has {tokenizer.vocab_size} tokens, more than the "
                                     f"model's vocab_size {model_cfg['vocab_size']}")

@@ -140,13 +140,3 @@ class HFTextTower(nn.Module):
         attn = torch.ones_like(text) if text_mask is None else text_mask.long()
         tokens = self.hf(input_ids=text, attention_mask=attn).last_hidden_state     # (B, T, D)
         return pool_tokens(tokens, text_mask, self.pool), tokens
-
-
-def fix_tokenizer(tok):
-    """A finealign Tokenizer whose ``tokenizer.json`` pads / truncates on its own (e.g. sentence-transformers'
-    ``padding: Fixed 128``) would break ``encode_batch``'s ``[BOS, tok..., EOS, PAD...]`` layout: switch both
-    off (finealign pads and truncates itself). Returns ``tok``."""
-    if tok is not None:
-        tok.hf.no_padding()
-        tok.hf.no_truncation()
-    return tok
