@@ -35,6 +35,12 @@ needs_font = pytest.mark.skipif(not Path(E.DEFAULT_FONT).is_file(),
     (":smiling_face_with_sunglasses:", "a smiling face with sunglasses"),
     (":piñata:", "a pinata"),
     (":Aries:", "the zodiac sign aries"),
+    (":kiss_man_woman:", "a kiss between a man and a woman"),
+    (":family_man_boy_boy:", "a family of a man and two boys"),
+    (":man_lifting_weights:", "a man lifting weights"),
+    (":Santa_Claus:", "a santa claus"),
+    (":NEW_button:", "a new button"),
+    (":UP!_button:", "an up! button"),
 ])
 def test_captions(name, caption):
     assert E.caption_for(name) == caption

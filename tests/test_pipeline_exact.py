@@ -20,13 +20,14 @@ from finealign.types import Batch, Features
 
 
 class _Stub:
-    """A model with the two-stage interface: ``encode`` returns fixed patch/text tokens, ``heads`` echoes the
-    masks it was given, ``encode_image`` returns the flattened pixels, relevance is a fixed table."""
+    """A model with the two-stage interface: ``encode`` returns fixed patch/text tokens, ``heads`` records the
+    masks and needs it was given, ``cross_attention`` the layer asked for, ``encode_image`` returns the
+    flattened pixels, relevance is a fixed table."""
 
     def __init__(self, rel=None, attn=None, patch_size=2):
         self.cfg = SimpleNamespace(patch_size=patch_size)
         self.rel, self.attn = rel, attn
-        self.got = None
+        self.got = self.needs = self.layer = None
 
     def encode(self, batch):
         B = len(batch)
@@ -39,10 +40,11 @@ class _Stub:
         return self.rel.clone()
 
     def cross_attention(self, feats, batch, layer=-1):
+        self.layer = layer
         return self.attn.clone()
 
     def heads(self, feats, batch, masks, needs=None):
-        self.got = masks
+        self.got, self.needs = masks, needs
         return feats
 
 
@@ -52,6 +54,16 @@ def _batch(B=2, size=4, regions=None):
     return Batch(images=torch.randn(B, 3, size, size, generator=g), text=torch.ones(B, 2, dtype=torch.long),
                  text_mask=torch.ones(B, 2, dtype=torch.bool), image_ids=torch.arange(B), item_ids=torch.arange(B),
                  captions=[""] * B, keys=[""] * B, extras=extras)
+
+
+_TOK = SimpleNamespace(mask_id=2, vocab_size=50, special_ids=[0, 1])
+
+
+def _text_batch(B=2):
+    g = torch.Generator().manual_seed(0)
+    text = torch.tensor([[1, 7, 8, 9, 0], [1, 10, 11, 0, 0]])[:B]          # 1 = CLS, 0 = pad
+    return Batch(images=torch.randn(B, 3, 4, 4, generator=g), text=text, text_mask=text != 0,
+                 image_ids=torch.arange(B), item_ids=torch.arange(B), captions=[""] * B, keys=[""] * B)
 
 
 # ---------------------------------------------------------------- pipeline: maskers
@@ -77,12 +89,53 @@ def test_attention_relevance_sums_the_cross_attention_over_words(one_thread):
     assert torch.allclose(rel, torch.tensor([[0.6, 0.6, 0.6, 1.2]]))
 
 
+def test_word_masking_uses_the_configured_probability_and_needs_a_tokenizer(one_thread):
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        Pipeline(_Stub(), MaskingConfig(mlm={"prob": 1.0}))
+    stub = _Stub()
+    Pipeline(stub, MaskingConfig(mlm={"prob": 1.0}), _TOK, needs={"mlm_logits"})(_text_batch())
+    _, positions = stub.got["mlm"]
+    assert positions.tolist() == [[0, 1], [0, 2], [0, 3], [1, 1], [1, 2]]   # every real non-special word
+    assert stub.needs == {"mlm_logits"}
+
+
+def test_heads_get_the_needs_and_the_relevance_the_maskers_read(one_thread):
+    rel = torch.tensor([[0.1, 0.9, 0.3, 0.7], [0.8, 0.2, 0.6, 0.4]])
+    stub = _Stub(rel=rel)
+    masking = MaskingConfig(mim={"type": "attentive", "mask_ratio": 0.5, "mask": "most"})
+    feats = Pipeline(stub, masking, needs={"mim_pred"})(_text_batch())
+    assert stub.needs == {"mim_pred"} and set(stub.got) == {"mim"}
+    assert torch.equal(feats.extras["relevance"], rel)
+
+
+def test_sync_masker_reads_the_configured_layer_and_replaces_the_mim_masker(one_thread):
+    attn = torch.full((2, 5, 4), 0.25)
+    stub = _Stub(rel=torch.zeros(2, 4), attn=attn)
+    masking = MaskingConfig(mim={"type": "random", "mask_ratio": 0.5},
+                            sync={"words": 0.34, "patches": 0.5, "layer": 1})
+    Pipeline(stub, masking, _TOK)(_text_batch())
+    assert stub.layer == 1
+    assert set(stub.got) == {"mlm", "mim"}
+
+
+
 # ---------------------------------------------------------------- pipeline: mixing
 
 
 def test_mixing_stops_at_the_rounded_fraction_of_the_steps():
     pipe = Pipeline(_Stub(), mixer=MixerConfig(type="mixup", stop=0.5), total_steps=4)   # mix steps 0, 1
     assert [pipe.mixing(s) for s in range(4)] == [True, True, False, False]
+    pipe = Pipeline(_Stub(), mixer=MixerConfig(type="mixup", stop=0.7), total_steps=5)   # 3.5 -> 4, not 3
+    assert [pipe.mixing(s) for s in range(5)] == [True, True, True, True, False]
+
+
+def test_mix_draws_depend_on_seed_step_and_micro_batch_only(one_thread):
+    def lam(seed, step, micro):
+        pipe = Pipeline(_Stub(), mixer=MixerConfig(type="mixup"), total_steps=100, seed=seed)
+        return pipe.encode(_text_batch(), step, micro).extras["mix_lambda"][0].item()
+    base = lam(3, 5, 0)
+    assert lam(3, 5, 0) == base                                  # reproducible (resume, no-grad pre-pass)
+    assert lam(3, 5, 1) != base and lam(4, 5, 0) != base and lam(3, 6, 0) != base
 
 
 def test_mix_offset_is_source_row_minus_row_and_embeds_the_mixed_images(one_thread):

@@ -1,23 +1,18 @@
 """Exact checks (from a mutation audit) of what the other evaluation tests leave loose: retrieval's input
 validation, top-k clipping, recall denominators and the ``mean_recall`` average, gradient-free scoring,
 item-level (grouped) ranks; the Python side of ``score_captions`` (validation, tokenizer choice and its
-fallback when Java fails, METEOR switch, CIDEr-D x 100 by hand); the training ``Pipeline``'s mixing schedule
-and seeding, word-masking probability, and what it hands the heads; and the quickstart's report (chance
-line, samples, overrides) with training and evaluation replaced by stand-ins. Every expected number is
+fallback when Java fails, METEOR switch, CIDEr-D x 100 by hand); and the quickstart's report (chance line,
+samples, overrides) with training and evaluation replaced by stand-ins (its real run: test_quickstart.py). Every expected number is
 worked out by hand on tiny inputs."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from finealign.config import MaskingConfig, MixerConfig
 from finealign.eval.captioning import java_available, score_captions
 from finealign.eval.retrieval import recall_metrics, retrieval_metrics, retrieval_ranks, topk_images
-from finealign.pipeline import Pipeline
-from finealign.types import Batch, Features
 
 # ---------------------------------------------------------------- retrieval
 
@@ -139,90 +134,6 @@ def test_failing_java_falls_back_under_auto_and_raises_under_ptb(failing_java):
     assert s["meteor"] is None and any(n.startswith("METEOR failed") for n in s["notes"])
     with pytest.raises(RuntimeError, match="PTBTokenizer exited with 1"):
         score_captions({0: ["a cat"]}, {0: "a cat"}, meteor=False, tokenizer="ptb")
-
-
-# ---------------------------------------------------------------- pipeline
-
-
-class _Stub:
-    """Two-stage model interface: fixed tokens, ``encode_image`` returns the flattened pixels, ``heads``
-    records what it was given, ``cross_attention`` records the layer it was asked for."""
-
-    def __init__(self, rel=None, attn=None):
-        self.cfg = SimpleNamespace(patch_size=2)
-        self.rel, self.attn = rel, attn
-        self.got = self.needs = self.layer = None
-
-    def encode(self, batch):
-        B = len(batch)
-        return Features(image_tokens=torch.zeros(B, 4, 3), text_tokens=torch.zeros(B, 3, 3))
-
-    def encode_image(self, images, memory=True):
-        return {"embed": images.flatten(1).clone()}
-
-    def patch_text_relevance(self, patches, text_tokens, text_mask, reduce):
-        return self.rel.clone()
-
-    def cross_attention(self, feats, batch, layer=-1):
-        self.layer = layer
-        return self.attn.clone()
-
-    def heads(self, feats, batch, masks, needs=None):
-        self.got, self.needs = masks, needs
-        return feats
-
-
-_TOK = SimpleNamespace(mask_id=2, vocab_size=50, special_ids=[0, 1])
-
-
-def _batch(B=2):
-    g = torch.Generator().manual_seed(0)
-    text = torch.tensor([[1, 7, 8, 9, 0], [1, 10, 11, 0, 0]])[:B]          # 1 = CLS, 0 = pad
-    return Batch(images=torch.randn(B, 3, 4, 4, generator=g), text=text, text_mask=text != 0,
-                 image_ids=torch.arange(B), item_ids=torch.arange(B), captions=[""] * B, keys=[""] * B)
-
-
-def test_mixing_stops_at_the_rounded_not_truncated_fraction():
-    pipe = Pipeline(_Stub(), mixer=MixerConfig(type="mixup", stop=0.7), total_steps=5)   # 3.5 -> 4 steps
-    assert [pipe.mixing(s) for s in range(5)] == [True, True, True, True, False]
-
-
-def test_mix_draws_depend_on_seed_step_and_micro_batch_only(one_thread):
-    def lam(seed, step, micro):
-        pipe = Pipeline(_Stub(), mixer=MixerConfig(type="mixup"), total_steps=100, seed=seed)
-        return pipe.encode(_batch(), step, micro).extras["mix_lambda"][0].item()
-    base = lam(3, 5, 0)
-    assert lam(3, 5, 0) == base                                  # reproducible (resume, no-grad pre-pass)
-    assert lam(3, 5, 1) != base and lam(4, 5, 0) != base and lam(3, 6, 0) != base
-
-
-def test_word_masking_uses_the_configured_probability_and_needs_a_tokenizer(one_thread):
-    with pytest.raises(ValueError, match="needs the tokenizer"):
-        Pipeline(_Stub(), MaskingConfig(mlm={"prob": 1.0}))
-    stub = _Stub()
-    Pipeline(stub, MaskingConfig(mlm={"prob": 1.0}), _TOK, needs={"mlm_logits"})(_batch())
-    _, positions = stub.got["mlm"]
-    assert positions.tolist() == [[0, 1], [0, 2], [0, 3], [1, 1], [1, 2]]   # every real non-special word
-    assert stub.needs == {"mlm_logits"}
-
-
-def test_heads_get_the_needs_and_the_relevance_the_maskers_read(one_thread):
-    rel = torch.tensor([[0.1, 0.9, 0.3, 0.7], [0.8, 0.2, 0.6, 0.4]])
-    stub = _Stub(rel=rel)
-    masking = MaskingConfig(mim={"type": "attentive", "mask_ratio": 0.5, "mask": "most"})
-    feats = Pipeline(stub, masking, needs={"mim_pred"})(_batch())
-    assert stub.needs == {"mim_pred"} and set(stub.got) == {"mim"}
-    assert torch.equal(feats.extras["relevance"], rel)
-
-
-def test_sync_masker_reads_the_configured_layer_and_replaces_the_mim_masker(one_thread):
-    attn = torch.full((2, 5, 4), 0.25)
-    stub = _Stub(rel=torch.zeros(2, 4), attn=attn)
-    masking = MaskingConfig(mim={"type": "random", "mask_ratio": 0.5},
-                            sync={"words": 0.34, "patches": 0.5, "layer": 1})
-    Pipeline(stub, masking, _TOK)(_batch())
-    assert stub.layer == 1
-    assert set(stub.got) == {"mlm", "mim"}
 
 
 # ---------------------------------------------------------------- quickstart report
