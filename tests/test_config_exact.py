@@ -186,6 +186,13 @@ def test_refusals_not_covered_elsewhere():
     refused("coca", ["objectives.itm=1"], "objectives.itm runs on the fusion model")
     refused("albef", ["model.queue_size=-1"], r"model.queue_size must be >= 0")
     refused("albef", ["model.text_pool=eos"], "fusion arch pools its")
+    # knobs the fusion model would ignore: it always embeds its [CLS] token and needs a fusion layer for the image
+    refused("albef", ["model.image_pool=attn"], r"fusion arch embeds its \[CLS\] token")
+    refused("albef", ["model.fusion_layers=0"], "model.fusion_layers must be >= 1 for the fusion arch")
+    ok("albef", "model.fusion_layers=1")
+    refused("coca", ["model.image_pool=max"], "model.image_pool must be attn or cls, got 'max'")
+    refused("timix", ["model.pta_width=3"], r"model.pta_width must be 0 \(= model.vision_width\) or >= 4")
+    ok("timix", "model.pta_width=4")
     refused("albef", ["model.prototypes=8", "model.mim_target=semantic", "model.momentum=0",
                       "objectives.itc.distill_alpha=0"], "mim_target=semantic needs")
     refused("coca", ["data.num_samples=10"], "data.num_samples sizes a procedural source")

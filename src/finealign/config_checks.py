@@ -123,6 +123,7 @@ def check(cfg) -> None:
     _validate_streaming(cfg.data)
     _validate_mixing(cfg)
     _validate_capabilities(cfg)
+    _validate_fusion_towers(cfg.model)
 
 
 def teacher_readers(cfg) -> list[str]:
@@ -177,6 +178,18 @@ def _validate_capabilities(cfg) -> None:
                           "it or set data.views=1")
 
 
+def _validate_fusion_towers(m) -> None:
+    """Fusion-model settings it would otherwise ignore (after the objective checks: a recipe switched to the
+    fusion arch hears first about the objectives it cannot train)."""
+    if m.arch != "fusion":
+        return
+    if m.image_pool != "cls":
+        raise ConfigError("model.image_pool: the fusion arch embeds its [CLS] token (image_pool=cls)")
+    if m.fusion_layers < 1:
+        raise ConfigError("model.fusion_layers must be >= 1 for the fusion arch: its ITM / MLM heads see the "
+                          f"image only through them (got {m.fusion_layers})")
+
+
 def _validate_streaming(d) -> None:
     if d.shard_split not in ("auto", True, False):
         raise ConfigError(f"data.shard_split must be auto, true or false, got {d.shard_split!r}")
@@ -223,6 +236,9 @@ def _validate_mixing(cfg) -> None:
     if cfg.model.pta_block < 0 or cfg.model.pta_block > cfg.model.vision_layers:
         raise ConfigError(f"model.pta_block must be in 0..{cfg.model.vision_layers} (0 = the middle block), "
                           f"got {cfg.model.pta_block}")
+    if cfg.model.pta_width != 0 and cfg.model.pta_width < 4:
+        raise ConfigError(f"model.pta_width must be 0 (= model.vision_width) or >= 4 (its MLP narrows to C/4), "
+                          f"got {cfg.model.pta_width}")
     if mx.scores == "relevance" and cfg.masking.relevance == "attention" and cfg.model.arch != "fusion":
         raise ConfigError("mixer.scores=relevance with masking.relevance=attention needs model.arch: fusion")
 
@@ -254,7 +270,7 @@ def _validate_maccap(cfg) -> None:
 
 
 def _validate_towers(cfg) -> None:
-    """Tower layer options (model.act, text_pool, text_tower; finealign/interop/ sets them for imports)."""
+    """Tower layer options (model.act, text_pool, image_pool, text_tower; finealign/interop/ sets them for imports)."""
     from .models.layers import ACTIVATIONS
     m = cfg.model
     if m.act not in ACTIVATIONS:
@@ -263,6 +279,8 @@ def _validate_towers(cfg) -> None:
         raise ConfigError(f"model.text_pool must be cls, eos or mean, got {m.text_pool!r}")
     if m.text_pool != "cls" and m.arch == "fusion":
         raise ConfigError("model.text_pool: the fusion arch pools its [BOS] token (text_pool=cls)")
+    if m.image_pool not in ("attn", "cls"):
+        raise ConfigError(f"model.image_pool must be attn or cls, got {m.image_pool!r}")
     if m.text_mlp_ratio < 0:
         raise ConfigError(f"model.text_mlp_ratio must be >= 0 (0 = model.mlp_ratio), got {m.text_mlp_ratio}")
     if m.text_tower not in ("own", "hf"):
