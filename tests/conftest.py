@@ -48,6 +48,11 @@ def shapes_clip(tmp_path_factory):
     return trainer
 
 
+#: the ``tiny_clip`` model's overrides of the clip recipe (``from conftest import TINY_CLIP`` for configs like it)
+TINY_CLIP = ["model.vision_width=32", "model.vision_layers=1", "model.text_width=32", "model.text_layers=1",
+             "model.embed_dim=16", "model.text_pool=eos"]
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """An untrained CLIP (1 layer, width 32, embed 16, seed 0) with a tokenizer trained on three shape captions,
@@ -58,8 +63,7 @@ def tiny_clip(tmp_path_factory):
     from finealign.data.tokenizer import Tokenizer
     from finealign.models.factory import build_model
     tok = Tokenizer.train(["a red circle", "a blue square", "two green triangles"] * 3, vocab_size=300)
-    cfg = load_config("clip", ["model.vision_width=32", "model.vision_layers=1", "model.text_width=32",
-                               "model.text_layers=1", "model.embed_dim=16", "model.text_pool=eos"])
+    cfg = load_config("clip", TINY_CLIP)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_model(cfg.model, tok.vocab_size, full=cfg, tokenizer=tok).eval()

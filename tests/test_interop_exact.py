@@ -10,14 +10,12 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_CLIP
 
 from finealign.config import ConfigError, load_config
 from finealign.interop import hf_clip as H
 from finealign.interop.export import ExportError, export, is_export_dir, load_export
 from finealign.interop.hf_text import resolve_text_tower
-
-SMALL = ["model.vision_width=32", "model.vision_layers=1", "model.text_width=32", "model.text_layers=1",
-         "model.embed_dim=16", "model.text_pool=eos"]
 
 
 # ---------------------------------------------------------------- hf_clip.py
@@ -132,7 +130,7 @@ def test_resolve_text_tower_rules(tmp_path):
     (d / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 24,
                                                "max_position_embeddings": 32}))
     (d / "tokenizer.json").write_text("{}")
-    cfg = load_config("clip", SMALL)
+    cfg = load_config("clip", TINY_CLIP)
     cfg.model.text_path = str(d)
     cfg.tokenizer.path = ""
     resolve_text_tower(cfg)                                   # context_length 32 == max_position_embeddings
@@ -155,7 +153,7 @@ def test_resolve_text_tower_rules(tmp_path):
 def test_hf_text_tower_length_limit_mask_default_and_no_pooler():
     pytest.importorskip("transformers")
     from finealign.interop.hf_text import HFTextTower
-    cfg = load_config("clip", SMALL).model
+    cfg = load_config("clip", TINY_CLIP).model
     cfg.text_hf_config = {"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1,
                           "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 30,
                           "max_position_embeddings": 8}

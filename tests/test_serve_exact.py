@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CLIP
 from PIL import Image
 
 from finealign.config import load_config
@@ -28,9 +29,6 @@ from fastapi import HTTPException  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from finealign.serve.app import create_app, overlay_png, read_upload  # noqa: E402
-
-SMALL = ["model.vision_width=32", "model.vision_layers=1", "model.text_width=32", "model.text_layers=1",
-         "model.embed_dim=16", "model.text_pool=eos"]
 
 
 def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -192,10 +190,10 @@ def test_caption_candidates_order_dedup_limit_and_errors(tiny_clip, tmp_path, mo
     with pytest.raises(ValueError, match="captions.csv: cannot read gallery captions"):   # the user's own file
         G.caption_candidates(root, tiny_clip.config)
     (root / "captions.csv").unlink()
-    cfg = load_config("clip", SMALL + ["data.source=jsonl", f"data.root={tmp_path / 'nowhere'}"])
+    cfg = load_config("clip", TINY_CLIP + ["data.source=jsonl", f"data.root={tmp_path / 'nowhere'}"])
     caps, where = G.caption_candidates(root, cfg)
     assert caps == [] and where.startswith("none (no captions.jsonl / captions.csv in the gallery")
-    cfg = load_config("clip", SMALL + ["data.source=shapes", "data.num_samples=8"])
+    cfg = load_config("clip", TINY_CLIP + ["data.source=shapes", "data.num_samples=8"])
     caps, where = G.caption_candidates(root, cfg)                    # procedural training data: always there
     assert where == f"training dataset: shapes {cfg.data.test}" and len(caps) == 1
 

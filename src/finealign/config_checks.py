@@ -183,6 +183,8 @@ def _validate_fusion_towers(m) -> None:
     fusion arch hears first about the objectives it cannot train)."""
     if m.arch != "fusion":
         return
+    if m.text_pool != "cls":
+        raise ConfigError("model.text_pool: the fusion arch pools its [BOS] token (text_pool=cls)")
     if m.image_pool != "cls":
         raise ConfigError("model.image_pool: the fusion arch embeds its [CLS] token (image_pool=cls)")
     if m.fusion_layers < 1:
@@ -277,8 +279,6 @@ def _validate_towers(cfg) -> None:
         raise ConfigError(f"model.act must be one of {', '.join(ACTIVATIONS)}, got {m.act!r}")
     if m.text_pool not in ("cls", "eos", "mean"):
         raise ConfigError(f"model.text_pool must be cls, eos or mean, got {m.text_pool!r}")
-    if m.text_pool != "cls" and m.arch == "fusion":
-        raise ConfigError("model.text_pool: the fusion arch pools its [BOS] token (text_pool=cls)")
     if m.image_pool not in ("attn", "cls"):
         raise ConfigError(f"model.image_pool must be attn or cls, got {m.image_pool!r}")
     if m.text_mlp_ratio < 0:
